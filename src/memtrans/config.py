@@ -1,0 +1,313 @@
+"""Configuration: nested dataclasses, loaded from YAML with dotted command-line overrides.
+
+Every ablation axis is a field here; unknown keys and bad values fail with a ValueError that
+names the field and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+GATES = ("learned_scalar", "fixed", "weighted_sum", "concat", "token_gate", "joint_softmax")
+BACKENDS = ("exact", "faiss_flat", "faiss_ivf")
+DTYPES = ("float32", "bfloat16", "float16")
+LAYER_WORDS = ("bottom", "middle", "near_top", "top", "multiple")
+
+
+def memory_layer_indices(word: str, depth: int) -> tuple[int, ...]:
+    """Map the plan's layer-position words to 0-based layer indices for a model of `depth` layers.
+
+    For depth 12 these are the paper's positions (1-based layers 3, 6, 9, 12):
+    bottom=2, middle=5, near_top=8 (the paper's default, meliad's index -4), top=11,
+    multiple=(5, 8) (the baseline layer plus the middle one).
+    """
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    bottom = max(0, depth // 4 - 1)
+    middle = max(0, depth // 2 - 1)
+    near_top = max(0, depth - 1 - depth // 4)
+    top = depth - 1
+    table = {
+        "bottom": (bottom,),
+        "middle": (middle,),
+        "near_top": (near_top,),
+        "top": (top,),
+        "multiple": tuple(sorted({middle, near_top})),
+    }
+    if word not in table:
+        raise ValueError(f"memory_layers: unknown word {word!r}; allowed: {', '.join(LAYER_WORDS)} or a list of layer indices")
+    return table[word]
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}: {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256
+    dim: int = 256
+    depth: int = 6
+    heads: int = 8
+    head_dim: int = 32
+    ffn_dim: int | None = None  # default 4 * dim (ReLU FFN, as in the paper)
+    segment_len: int = 512
+    # 0-based layer indices, or one of LAYER_WORDS resolved against depth; () = no memory.
+    memory_layers: Any = "near_top"
+    memory_size: int = 65536  # FIFO entries per (document slot, head)
+    knn_k: int = 32
+    gate: str = "learned_scalar"
+    fixed_gate: float = 0.5  # g for gate="fixed"
+    qk_norm: bool = True
+    xl_cache: bool = True
+    memory_backend: str = "exact"
+    memory_dtype: str = "bfloat16"  # dtype of stored keys/values
+    score_dtype: str = "bfloat16"  # dtype of the exact engine's retrieval scores
+    rel_pos_buckets: int = 32
+    rel_pos_max_distance: int = 128
+    ivf_nlist: int = 64  # faiss_ivf: inverted lists per (slot, head)
+    ivf_nprobe: int = 8
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.memory_layers, str):
+            self.memory_layers = memory_layer_indices(self.memory_layers, self.depth)
+        elif isinstance(self.memory_layers, int):
+            self.memory_layers = (self.memory_layers,)
+        else:
+            self.memory_layers = tuple(sorted(set(int(i) for i in self.memory_layers)))
+        self.validate()
+
+    @property
+    def has_memory(self) -> bool:
+        return len(self.memory_layers) > 0
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "dim", "depth", "heads", "head_dim", "segment_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.heads * self.head_dim != self.dim:
+            raise ValueError(
+                f"heads * head_dim must equal dim: {self.heads} * {self.head_dim} != {self.dim}; "
+                f"set head_dim={self.dim // self.heads} or change dim/heads")
+        _check_choice("gate", self.gate, GATES)
+        _check_choice("memory_backend", self.memory_backend, BACKENDS)
+        _check_choice("memory_dtype", self.memory_dtype, DTYPES)
+        _check_choice("score_dtype", self.score_dtype, DTYPES)
+        for i in self.memory_layers:
+            if not 0 <= i < self.depth:
+                raise ValueError(f"memory_layers: index {i} is out of range for depth {self.depth}; "
+                                 f"allowed 0..{self.depth - 1} or one of {', '.join(LAYER_WORDS)}")
+        if self.memory_size < 1:
+            raise ValueError(f"memory_size must be positive, got {self.memory_size}")
+        if self.knn_k < 1:
+            raise ValueError(f"knn_k must be positive, got {self.knn_k}")
+        if self.has_memory and self.knn_k > self.memory_size:
+            raise ValueError(f"knn_k ({self.knn_k}) must not exceed memory_size ({self.memory_size})")
+        if not 0.0 <= self.fixed_gate <= 1.0:
+            raise ValueError(f"fixed_gate must lie in [0, 1], got {self.fixed_gate}")
+        if self.ivf_nlist < 1 or self.ivf_nprobe < 1:
+            raise ValueError("ivf_nlist and ivf_nprobe must be positive")
+
+
+@dataclass
+class DataConfig:
+    # builtin name (recall, stdlib-code, shakespeare, austen, metamath, ...) or "textdir:PATH",
+    # "jsonl:PATH", "parquet:PATH"
+    corpus: str = "recall"
+    text_field: str = "text"
+    tokenizer: str = "byte"  # byte | bpe
+    bpe_vocab_size: int = 8192
+    batch_size: int = 4  # document slots
+    max_doc_tokens: int | None = None  # split documents longer than this into several (None = whole)
+    min_doc_tokens: int = 0  # documents shorter than this are skipped (and counted)
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    cache_dir: str | None = None  # default: ~/.cache/memtrans
+    # recall: synthetic long-range key->value recall (see memtrans.data.recall)
+    recall_docs: int = 64
+    recall_doc_len: int = 8192
+    recall_pairs: int = 16
+    recall_key_len: int = 4
+    recall_value_len: int = 4
+    recall_min_distance: int = 2048
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adamw"  # adamw | adafactor
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | rsqrt | constant
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "bf16"  # bf16 (autocast) | fp32
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    compile: bool = False
+    log_every: int = 10
+    checkpoint_every: int = 200
+    tensorboard: bool = False
+    init_from: str | None = None  # checkpoint or run dir to start from (fine-tuning recipe)
+    budget_minutes: float | None = None
+    budget_tokens: int | None = None
+    # stability: a spike is a value above spike_factor x the running median of the last spike_window
+    spike_window: int = 50
+    spike_factor: float = 2.0
+    divergence_factor: float = 4.0  # loss > factor x initial loss (after warm-up) counts as divergence
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    max_docs: int | None = None
+    max_tokens_per_doc: int | None = None
+    position_buckets: tuple[int, ...] = (2048, 8192, 32768, 131072)
+    batch_size: int = 4
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return to_plain(dataclasses.asdict(self))
+
+    def hash(self) -> str:
+        """Content hash of the resolved config (12 hex digits); names run directories."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(path: str, value: Any, f: dataclasses.Field, current: Any) -> Any:
+    """Coerce a YAML/CLI value to the field's type, using the field's default as the type guide."""
+    typ = str(f.type)
+    if value is None:
+        if "None" in typ or f.name in ("memory_layers",):
+            return None
+        raise ValueError(f"{path}: null is not allowed")
+    if isinstance(current, bool) or typ == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"{path}: expected true/false, got {value!r}")
+    if typ.startswith("tuple") or isinstance(current, tuple):
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        raise ValueError(f"{path}: expected a list, got {value!r}")
+    if typ.startswith("int") or isinstance(current, int):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ValueError(f"{path}: expected an integer, got {value!r}")
+        return int(value)
+    if typ.startswith("float") or isinstance(current, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    return value
+
+
+def build(cls: type, data: dict | None, path: str = "") -> Any:
+    """Build dataclass `cls` from a (nested) dict, rejecting unknown keys."""
+    data = dict(data or {})
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        where = path or "config"
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(known)}")
+    kwargs = {}
+    defaults = cls()
+    for name, value in data.items():
+        f = known[name]
+        sub = f"{path}.{name}" if path else name
+        current = getattr(defaults, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"{sub}: expected a mapping, got {value!r}")
+            kwargs[name] = build(type(current), value, sub)
+        elif name == "memory_layers":
+            kwargs[name] = value if value is not None else ()
+        else:
+            kwargs[name] = _coerce(sub, value, f, current)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ValueError(f"{path + ': ' if path else ''}{e}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'model.gate=fixed' -> (['model', 'gate'], 'fixed'); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like section.key=value, e.g. model.gate=fixed")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict, overrides: list[str] | dict) -> dict:
+    """Apply dotted overrides to a nested dict (returns a new dict)."""
+    out = json.loads(json.dumps(data))
+    items = overrides.items() if isinstance(overrides, dict) else [
+        (".".join(k), v) for k, v in map(parse_override, overrides)]
+    for dotted, value in items:
+        keys = dotted.split(".")
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {dotted}: {k} is not a section")
+        node[keys[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Load a Config from YAML (or defaults when path is None) and apply dotted overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {p}: top level must be a mapping of sections")
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return build(Config, data)
+
+
+def config_from_dict(data: dict) -> Config:
+    return build(Config, data)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from memtrans.utils import atomic_write_text
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
