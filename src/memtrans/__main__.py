@@ -1,0 +1,5 @@
+import sys
+
+from memtrans.cli import main
+
+sys.exit(main())
