@@ -138,6 +138,7 @@ class DataConfig:
     recall_key_len: int = 4
     recall_value_len: int = 4
     recall_min_distance: int = 2048
+    recall_seed: int = 0  # the recall documents depend on this (not on the training seed)
 
 
 @dataclass

@@ -1,0 +1,180 @@
+"""The kNN memory interface: a FIFO ring of (key, value) pairs per (document slot, head).
+
+Every engine shares this ring (so FIFO order, reset and resume behave identically) and differs only
+in how `search` finds the top-k entries. Shapes: B slots, H heads, T queries/entries per call,
+N = capacity entries per (slot, head), D = head_dim, k = neighbours.
+
+    mem.add(keys, values, positions)      # keys/values [B, H, T, D], positions [B, T] (token index in the document)
+    res = mem.search(queries, k)          # queries [B, H, T, D] -> SearchResult, each field [B, H, T, k, ...]
+    mem.reset(slots)                      # a new document starts in these slots
+    len(mem), mem.nbytes, mem.state_dict(), mem.load_state_dict(d)
+
+Entries of slot b always occupy ring indices [0, count[b]): before the ring wraps they are written in
+order from 0, afterwards the ring is full. Search therefore only scores the filled prefix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SearchResult:
+    keys: torch.Tensor  # [B, H, T, k, D] retrieved keys (no gradient)
+    values: torch.Tensor  # [B, H, T, k, D]
+    scores: torch.Tensor  # [B, H, T, k] float32 inner products used for ranking (-inf where invalid)
+    valid: torch.Tensor  # [B, H, T, k] bool: False where the slot holds fewer than k entries
+    positions: torch.Tensor  # [B, H, T, k] token index of each retrieved entry in its document (-1 invalid)
+    indices: torch.Tensor  # [B, H, T, k] ring index of each retrieved entry (0 where invalid)
+
+
+class MemoryBackend:
+    """FIFO ring storage shared by all engines; subclasses implement `_topk`."""
+
+    name = "base"
+
+    def __init__(self, batch_size: int, heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
+                 score_dtype: torch.dtype = torch.float32):
+        self.batch_size, self.heads, self.head_dim, self.capacity = batch_size, heads, head_dim, capacity
+        self.dtype, self.device, self.score_dtype = dtype, torch.device(device), score_dtype
+        self.count = torch.zeros(batch_size, dtype=torch.long)  # filled entries per slot (CPU bookkeeping)
+        self.ptr = torch.zeros(batch_size, dtype=torch.long)  # next ring index to write per slot
+        self._allocate(0)
+
+    # ---- storage -------------------------------------------------------------------------------
+    def _allocate(self, n: int) -> None:
+        B, H, D = self.batch_size, self.heads, self.head_dim
+        self.keys = torch.zeros(B, H, n, D, dtype=self.dtype, device=self.device)
+        self.values = torch.zeros(B, H, n, D, dtype=self.dtype, device=self.device)
+        self.positions = torch.full((B, n), -1, dtype=torch.long, device=self.device)
+
+    def _grow(self, needed: int) -> None:
+        """Grow the ring geometrically up to capacity, so a partly filled memory costs only its part."""
+        allocated = self.keys.shape[2]
+        if needed <= allocated:
+            return
+        n = min(self.capacity, max(needed, 2 * allocated, 1024))
+        old = (self.keys, self.values, self.positions)
+        self._allocate(n)
+        self.keys[:, :, :allocated] = old[0]
+        self.values[:, :, :allocated] = old[1]
+        self.positions[:, :allocated] = old[2]
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+        """Append T entries per slot and head, overwriting the oldest ones once the ring is full."""
+        B, H, T, D = keys.shape
+        self._check(keys, "keys")
+        if positions is None:
+            positions = torch.full((B, T), -1, dtype=torch.long)
+        if T > self.capacity:  # only the newest `capacity` entries can survive
+            keys, values, positions = keys[:, :, -self.capacity:], values[:, :, -self.capacity:], positions[:, -self.capacity:]
+            T = self.capacity
+        self._grow(int((self.ptr + T).clamp(max=self.capacity).max()))
+        idx = (self.ptr[:, None] + torch.arange(T)[None, :]) % self.capacity  # [B, T]
+        keys, values = keys.detach().to(self.dtype), values.detach().to(self.dtype)
+        positions = positions.to(self.device)
+        for b in range(B):
+            i = idx[b].to(self.device)
+            self.keys[b, :, i] = keys[b]
+            self.values[b, :, i] = values[b]
+            self.positions[b, i] = positions[b]
+        self._on_add(idx)
+        self.ptr = (self.ptr + T) % self.capacity
+        self.count = (self.count + T).clamp(max=self.capacity)
+
+    def reset(self, slots) -> None:
+        """Forget everything stored for these slots (list of indices or bool mask)."""
+        slots = _as_index(slots, self.batch_size)
+        if len(slots) == 0:
+            return
+        self.count[slots] = 0
+        self.ptr[slots] = 0
+        self.positions[slots.to(self.device)] = -1
+        self._on_reset(slots)
+
+    def __len__(self) -> int:
+        """Stored (key, value) pairs per head, summed over slots."""
+        return int(self.count.sum())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions)) + self._index_nbytes()
+
+    # ---- search --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def search(self, queries: torch.Tensor, k: int) -> SearchResult:
+        """Top-k stored entries by inner product with each query, per slot and head."""
+        B, H, T, D = queries.shape
+        self._check(queries, "queries")
+        filled = int(self.count.max())
+        kk = min(k, filled)
+        if kk == 0:
+            idx = torch.zeros(B, H, T, 0, dtype=torch.long, device=self.device)
+            scores = torch.zeros(B, H, T, 0, device=self.device)
+        else:
+            scores, idx = self._topk(queries.detach(), kk, filled)
+        valid = torch.isfinite(scores)
+        idx = torch.where(valid, idx, torch.zeros_like(idx))
+        if kk < k:  # pad to a fixed k with invalid entries
+            pad = k - kk
+            scores = torch.cat([scores, scores.new_full((B, H, T, pad), float("-inf"))], -1)
+            idx = torch.cat([idx, idx.new_zeros(B, H, T, pad)], -1)
+            valid = torch.cat([valid, valid.new_zeros(B, H, T, pad)], -1)
+        if self.keys.shape[2] == 0:
+            self._grow(1)
+        flat = idx.reshape(B, H, T * k, 1).expand(-1, -1, -1, D)
+        keys = self.keys.gather(2, flat).view(B, H, T, k, D)
+        values = self.values.gather(2, flat).view(B, H, T, k, D)
+        pos = self.positions[:, None, :].expand(B, H, -1).gather(2, idx.reshape(B, H, T * k)).view(B, H, T, k)
+        pos = torch.where(valid, pos, torch.full_like(pos, -1))
+        return SearchResult(keys, values, scores.float(), valid, pos, idx)
+
+    def _topk(self, queries: torch.Tensor, k: int, filled: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (scores [B,H,T,k], ring indices [B,H,T,k]); -inf scores mark missing results."""
+        raise NotImplementedError
+
+    def _valid_entries(self, n: int) -> torch.Tensor:
+        """[B, n] bool: ring index j holds an entry of slot b."""
+        return torch.arange(n, device=self.device)[None, :] < self.count.to(self.device)[:, None]
+
+    # ---- hooks for engines with an index of their own -----------------------------------------
+    def _on_add(self, idx: torch.Tensor) -> None:
+        pass
+
+    def _on_reset(self, slots: torch.Tensor) -> None:
+        pass
+
+    def _index_nbytes(self) -> int:
+        return 0
+
+    # ---- checkpointing -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"engine": self.name, "capacity": self.capacity, "count": self.count.clone(), "ptr": self.ptr.clone(),
+                "keys": self.keys.cpu().clone(), "values": self.values.cpu().clone(),
+                "positions": self.positions.cpu().clone()}
+
+    def load_state_dict(self, d: dict) -> None:
+        if d["capacity"] != self.capacity or d["keys"].shape[:2] != self.keys.shape[:2] or d["keys"].shape[3] != self.head_dim:
+            raise ValueError(f"memory state does not match this memory: capacity {d['capacity']} vs {self.capacity}, "
+                             f"shape {tuple(d['keys'].shape)} vs [{self.batch_size}, {self.heads}, *, {self.head_dim}]")
+        self.count, self.ptr = d["count"].clone(), d["ptr"].clone()
+        self.keys = d["keys"].to(self.device, self.dtype)
+        self.values = d["values"].to(self.device, self.dtype)
+        self.positions = d["positions"].to(self.device)
+        self._on_reset(torch.arange(self.batch_size))  # engine indexes are rebuilt from the ring on demand
+
+    def _check(self, x: torch.Tensor, name: str) -> None:
+        if x.dim() != 4 or x.shape[0] != self.batch_size or x.shape[1] != self.heads or x.shape[3] != self.head_dim:
+            raise ValueError(f"{name} must have shape [batch_size={self.batch_size}, heads={self.heads}, T, "
+                             f"head_dim={self.head_dim}], got {tuple(x.shape)}")
+
+
+def _as_index(slots, batch_size: int) -> torch.Tensor:
+    if isinstance(slots, torch.Tensor) and slots.dtype == torch.bool:
+        return slots.nonzero().flatten().cpu()
+    t = torch.as_tensor(slots, dtype=torch.long).flatten().cpu()
+    if len(t) and (t.min() < 0 or t.max() >= batch_size):
+        raise ValueError(f"slots must lie in 0..{batch_size - 1}, got {t.tolist()}")
+    return t

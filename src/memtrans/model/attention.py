@@ -1,0 +1,152 @@
+"""Attention over the local window (segment + Transformer-XL cache), optionally augmented with kNN memory.
+
+A memory layer retrieves, per head and query, the top-k (key, value) pairs of earlier segments of the
+same document, attends to them with their own softmax (no position bias), and combines the result with
+local attention through a gate (`ModelConfig.gate`). Retrieval happens before the segment's own keys
+and values are written, and written entries are detached: no gradient flows through stored memories.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from memtrans.config import ModelConfig
+from memtrans.memory import MemoryBackend
+from memtrans.model.layers import RelativePositionBias
+
+# log2-spaced bins for "how far back does retrieval reach": [0,1), [1,2), [2,4), ..., [2^24, inf)
+DISTANCE_EDGES = torch.tensor([0] + [2 ** i for i in range(25)])
+
+
+def masked_softmax(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim ignoring invalid entries; rows with no valid entry give all zeros (no NaN)."""
+    any_valid = valid.any(-1, keepdim=True)
+    logits = logits.masked_fill(~valid, float("-inf")).masked_fill(~any_valid, 0.0)
+    return logits.float().softmax(-1) * any_valid
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        H, D = cfg.heads, cfg.head_dim
+        self.heads, self.head_dim, self.knn_k = H, D, cfg.knn_k
+        self.qkv = nn.Linear(cfg.dim, 3 * H * D, bias=False)
+        self.proj = nn.Linear(H * D, cfg.dim, bias=False)
+        self.rel_bias = RelativePositionBias(H, cfg.rel_pos_buckets, cfg.rel_pos_max_distance)
+        self.qk_norm = cfg.qk_norm
+        if self.qk_norm:
+            # Learned per-head logit scale on L2-normalised q, k, kept in log space so it stays positive.
+            # Init sqrt(head_dim): the logits then spread like those of standard 1/sqrt(d) attention at
+            # init, so the qk_norm ablation changes the normalisation, not the starting temperature.
+            self.log_scale = nn.Parameter(torch.full((H,), 0.5 * math.log(D)))
+        self.use_memory = layer in cfg.memory_layers
+        self.gate = cfg.gate if self.use_memory else None
+        if self.gate == "learned_scalar":
+            self.gate_bias = nn.Parameter(torch.zeros(H))  # g = sigmoid(0) = 0.5 at init
+        elif self.gate == "fixed":
+            self.register_buffer("fixed_gate", torch.tensor(cfg.fixed_gate), persistent=False)
+        elif self.gate == "weighted_sum":
+            self.gate_mem = nn.Parameter(torch.full((H,), 0.5))
+            self.gate_local = nn.Parameter(torch.full((H,), 0.5))
+        elif self.gate == "concat":
+            eye = torch.eye(D).expand(H, D, D)
+            self.gate_proj = nn.Parameter(torch.cat([eye, eye], -1) * 0.5)  # [H, D_out, 2D]: the average at init
+        elif self.gate == "token_gate":
+            self.gate_weight = nn.Parameter(torch.zeros(H, cfg.dim))
+            self.gate_bias = nn.Parameter(torch.zeros(H))
+
+    def forward(self, x: torch.Tensor, xl: tuple | None, xl_valid: torch.Tensor | None,
+                memory: MemoryBackend | None, positions: torch.Tensor, diagnostics: dict | None = None):
+        """x [B, T, dim] -> (out [B, T, dim], (k, v) of this segment for the next segment's XL cache)."""
+        B, T, _ = x.shape
+        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
+        if self.qk_norm:
+            q, k = F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6)
+            q_scaled = q * self.log_scale.exp().to(q.dtype)[:, None, None]
+        else:
+            q_scaled = q / math.sqrt(self.head_dim)
+
+        # Local window: XL cache of the previous segment (if any) + this segment, causal, T5 bias.
+        if xl is not None:
+            keys, values = torch.cat([xl[0].to(k.dtype), k], 2), torch.cat([xl[1].to(v.dtype), v], 2)
+            key_valid = torch.cat([xl_valid, xl_valid.new_ones(B, T)], 1)
+        else:
+            keys, values, key_valid = k, v, torch.ones(B, T, dtype=torch.bool, device=x.device)
+        L = keys.shape[2]
+        causal = torch.ones(T, L, dtype=torch.bool, device=x.device).tril(L - T)
+        allowed = causal[None, None] & key_valid[:, None, None, :]  # [B, 1, T, L]
+        bias = self.rel_bias(T, L)[None].masked_fill(~allowed, float("-inf"))  # [B, H, T, L]
+
+        if self.use_memory:
+            out = self._with_memory(x, q, q_scaled, keys, values, bias, memory, positions, diagnostics)
+            memory.add(k.detach(), v.detach(), positions)  # written only after this segment's retrieval
+        else:
+            out = F.scaled_dot_product_attention(q_scaled, keys, values, attn_mask=bias.to(q.dtype), scale=1.0)
+        out = self.proj(rearrange(out, "b h t d -> b t (h d)"))
+        return out, (k.detach(), v.detach())
+
+    def _with_memory(self, x, q, q_scaled, keys, values, bias, memory, positions, diagnostics):
+        found = memory.search(q, self.knn_k)  # ranks by raw q.k; a positive per-head scale keeps the order
+        mem_keys, mem_values = found.keys.to(q.dtype), found.values.to(values.dtype)
+        # Recompute the retrieved logits with autograd so gradients reach q (and the scale); none reach memory.
+        mem_logits = torch.einsum("bhtd,bhtkd->bhtk", q_scaled, mem_keys)
+        if self.gate == "joint_softmax":  # one softmax over local and retrieved keys
+            local_logits = torch.matmul(q_scaled, keys.transpose(-1, -2)).float() + bias
+            valid = torch.cat([torch.isfinite(bias).expand_as(local_logits), found.valid], -1)
+            p = masked_softmax(torch.cat([local_logits, mem_logits.float()], -1), valid)
+            L = keys.shape[2]
+            local_term = torch.matmul(p[..., :L].to(values.dtype), values)
+            mem_term = torch.einsum("bhtk,bhtkd->bhtd", p[..., L:].to(mem_values.dtype), mem_values)
+        else:
+            local = F.scaled_dot_product_attention(q_scaled, keys, values, attn_mask=bias.to(q.dtype), scale=1.0)
+            p = masked_softmax(mem_logits, found.valid)
+            mem = torch.einsum("bhtk,bhtkd->bhtd", p.to(mem_values.dtype), mem_values)
+            mem_term, local_term = self._gate(x, mem, local)
+        if diagnostics is not None:
+            self._diagnose(diagnostics, found, p, mem_term, local_term, positions)
+        return mem_term + local_term
+
+    def _gate(self, x, mem, local):
+        """(memory term, local term) whose sum is the layer output; with an empty memory mem is 0."""
+        if self.gate in ("learned_scalar", "fixed"):
+            g = torch.sigmoid(self.gate_bias) if self.gate == "learned_scalar" else self.fixed_gate
+            g = g.to(mem.dtype).reshape(-1, 1, 1)
+            return g * mem, (1 - g) * local
+        if self.gate == "token_gate":  # content-dependent: g = sigmoid(w_h . x + b_h) per head and token
+            g = torch.sigmoid(torch.einsum("btc,hc->bht", x, self.gate_weight.to(x.dtype)) + self.gate_bias.to(x.dtype)[:, None])
+            return g[..., None] * mem, (1 - g[..., None]) * local
+        if self.gate == "weighted_sum":
+            return self.gate_mem.to(mem.dtype).reshape(-1, 1, 1) * mem, self.gate_local.to(local.dtype).reshape(-1, 1, 1) * local
+        if self.gate == "concat":  # per head, a learned linear map of [V_mem ; V_local] (2D -> D)
+            W = self.gate_proj.to(mem.dtype)
+            D = self.head_dim
+            return torch.einsum("bhtd,hed->bhte", mem, W[..., :D]), torch.einsum("bhtd,hed->bhte", local, W[..., D:])
+        raise AssertionError(self.gate)
+
+    @torch.no_grad()
+    def _diagnose(self, diagnostics, found, p, mem_term, local_term, positions):
+        """Per-head gate value, share of the output coming from memory, and retrieval distances."""
+        has_mem = found.valid.any(-1)  # [B, H, T]
+        n = has_mem.sum((0, 2)).clamp(min=1)
+        if self.gate == "joint_softmax":
+            share = p[..., -found.valid.shape[-1]:].sum(-1)
+        else:
+            m, l_ = mem_term.float().norm(dim=-1), local_term.float().norm(dim=-1)
+            share = m / (m + l_).clamp(min=1e-12)
+        gate = {"learned_scalar": lambda: torch.sigmoid(self.gate_bias),
+                "fixed": lambda: self.fixed_gate.expand(self.heads),
+                "weighted_sum": lambda: self.gate_mem,
+                }.get(self.gate)
+        q_pos = positions[:, None, :, None]  # [B, 1, T, 1]
+        dist = (q_pos - found.positions)[found.valid]
+        hist = torch.bucketize(dist.cpu(), DISTANCE_EDGES, right=True) - 1
+        diagnostics.update({
+            "memory_share": ((share * has_mem).sum((0, 2)) / n).float().cpu(),  # [H]
+            "gate": gate().detach().float().cpu() if gate else None,  # [H] or None where no scalar gate exists
+            "queries_with_memory": int(has_mem.sum()),
+            "distance_counts": torch.bincount(hist.clamp(min=0), minlength=len(DISTANCE_EDGES))[:len(DISTANCE_EDGES)],
+        })
