@@ -229,6 +229,11 @@ def _coerce(path: str, value: Any, f: dataclasses.Field, current: Any) -> Any:
             raise ValueError(f"{path}: expected an integer, got {value!r}")
         return int(value)
     if typ.startswith("float") or isinstance(current, float):
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{path}: expected a number, got {value!r}")
         return float(value)

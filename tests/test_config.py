@@ -1,0 +1,74 @@
+"""Config: bad values fail with a ValueError naming the field and the allowed values; YAML + overrides."""
+import pytest
+import yaml
+
+from memtrans.config import Config, ModelConfig, load_config, memory_layer_indices
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    (dict(gate="sigmoid"), r"gate: 'sigmoid' is not allowed; choose one of learned_scalar, fixed"),
+    (dict(memory_backend="annoy"), r"memory_backend: 'annoy' is not allowed; choose one of exact, faiss_flat"),
+    (dict(memory_layers=(9,)), r"memory_layers: index 9 is out of range for depth 6"),
+    (dict(memory_layers="penthouse"), r"memory_layers: unknown word 'penthouse'; allowed: bottom"),
+    (dict(heads=8, head_dim=16), r"heads \* head_dim must equal dim: 8 \* 16 != 256"),
+    (dict(memory_size=0), r"memory_size must be positive"),
+    (dict(memory_size=16, knn_k=32), r"knn_k \(32\) must not exceed memory_size \(16\)"),
+    (dict(memory_dtype="int8"), r"memory_dtype: 'int8' is not allowed"),
+    (dict(fixed_gate=1.5), r"fixed_gate must lie in \[0, 1\]"),
+])
+def test_bad_model_config_names_field(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        ModelConfig(**kwargs)
+
+
+def test_no_memory_model_ignores_k_vs_size():
+    assert ModelConfig(memory_layers=(), memory_size=8, knn_k=32).has_memory is False
+
+
+@pytest.mark.parametrize("depth, expected", [
+    (12, {"bottom": (2,), "middle": (5,), "near_top": (8,), "top": (11,), "multiple": (5, 8)}),
+    (6, {"bottom": (0,), "middle": (2,), "near_top": (4,), "top": (5,), "multiple": (2, 4)}),
+    (1, {"bottom": (0,), "middle": (0,), "near_top": (0,), "top": (0,), "multiple": (0,)}),
+])
+def test_layer_words(depth, expected):
+    assert {w: memory_layer_indices(w, depth) for w in expected} == expected
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": {"gate": "fixed", "depth": 12, "dim": 256}, "train": {"steps": 5}}))
+    cfg = load_config(path, ["model.memory_layers=top", "optim.lr=3e-4", "train.precision=fp32"])
+    assert cfg.model.gate == "fixed" and cfg.model.memory_layers == (11,)
+    assert cfg.optim.lr == 3e-4 and cfg.train.steps == 5 and cfg.train.precision == "fp32"
+    again = load_config(path, ["model.memory_layers=[11]", "optim.lr=0.0003", "train.precision=fp32"])
+    assert again.hash() == cfg.hash()  # words and indices resolve to the same run
+    assert load_config(path, ["model.memory_size=1024"]).hash() != cfg.hash()
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["model.gatee=fixed"], r"model: unknown key\(s\) gatee; allowed: vocab_size"),
+    (["trian.steps=3"], r"config: unknown key\(s\) trian"),
+    (["train.steps=many"], r"train.steps: expected an integer"),
+    (["model.qk_norm=maybe"], r"model.qk_norm: expected true/false"),
+    (["model.gate=nope"], r"model: gate: 'nope' is not allowed"),
+    (["steps"], r"must look like section.key=value"),
+])
+def test_bad_overrides(overrides, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        load_config(None, overrides)
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_round_trip_through_dict():
+    from memtrans.config import config_from_dict
+    cfg = load_config(None, ["model.memory_layers=multiple", "model.gate=concat"])
+    assert config_from_dict(cfg.to_dict()) == cfg
+    assert isinstance(Config().hash(), str) and len(Config().hash()) == 12
