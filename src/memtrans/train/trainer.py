@@ -1,0 +1,396 @@
+"""Training: `memtrans train --config FILE.yaml [--set key=value ...] [--run-dir DIR] [--resume] [--init-from RUN]`.
+
+One segment per step: the stream's B document slots advance by `segment_len` tokens, the model's XL caches
+and memories carry from step to step (reset per slot when a new document starts), and the loss is the
+mean cross-entropy over the batch's `loss_mask`. See docs/CONTRACTS.md for the run-directory format.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from memtrans.config import Config, config_from_dict, load_config, save_config
+from memtrans.train import distributed as D
+from memtrans.train.checkpoint import (CHECKPOINT_VERSION, checkpoint_path, load_checkpoint, load_weights_partial,
+                                       model_weights, resolve_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from memtrans.train.optim import build_optimizer, build_scheduler
+from memtrans.train.stability import StabilityTracker
+from memtrans.utils import atomic_write_json
+
+TERMINAL = ("finished", "diverged")
+# Config keys that may change between an interrupted run and its resumption (length, budgets, logging,
+# hardware); anything else differing from the checkpoint's config is an error.
+RESUMABLE_CHANGES = ("train.steps", "train.budget_minutes", "train.budget_tokens", "train.log_every",
+                     "train.checkpoint_every", "train.tensorboard", "train.threads", "train.device",
+                     "train.compile", "train.init_from")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ValueError(f"train.device: {name!r} is not allowed; choose auto, cpu or cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but CUDA is not available")
+    return torch.device(name)
+
+
+def autocast_context(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    raise ValueError(f"train.precision: {precision!r} is not allowed; choose bf16 or fp32")
+
+
+def masked_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over `mask` (0 with a graph when nothing is masked in)."""
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
+    m = mask.reshape(-1).to(nll.dtype)
+    n = int(mask.sum())
+    return (nll * m).sum() / max(n, 1), n
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(a: dict, b: dict) -> list[str]:
+    fa, fb = _flatten(a), _flatten(b)
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the lines of metrics.jsonl with step <= `step` (and drop a torn last line)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("step", 0) <= step:
+            keep.append(line)
+    from memtrans.utils import atomic_write_text
+    atomic_write_text(path, "".join(s + "\n" for s in keep))
+
+
+class Tensorboard:
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.writer = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            except Exception as e:  # optional dependency
+                print(f"memtrans train: tensorboard disabled ({e})", file=sys.stderr)
+
+    def log(self, rec: dict) -> None:
+        if self.writer is not None:
+            for k in ("loss", "grad_norm", "lr", "tokens_per_s"):
+                self.writer.add_scalar(f"train/{k}", rec[k], rec["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled or not sys.stderr.isatty(),
+                unit="step", dynamic_ncols=True, desc="train")
+
+
+def train(cfg: Config, run_dir: str | Path, resume: bool = True, quiet: bool = False,
+          on_step: Callable[[int], None] | None = None) -> dict:
+    """Train `cfg` into `run_dir` (see module docstring). Returns the summary dict.
+
+    resume=True continues from run_dir/checkpoints/latest.pt when it exists (and returns at once if the
+    run already finished or diverged); resume=False refuses a run dir that already holds a checkpoint.
+    A diverged run ends normally with status `diverged`; an escaping exception sets status `failed`.
+    `on_step(step)` is called after every completed step (tests use it to simulate a crash).
+    """
+    run_dir = Path(run_dir)
+    device = resolve_device(cfg.train.device)
+    ctx = D.init_distributed(device.type)
+    if ctx.enabled and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+    main_rank = ctx.is_main
+    ckpt_file = checkpoint_path(run_dir)
+    status_file = run_dir / "status.json"
+    say = (lambda *a: print(*a, flush=True)) if main_rank and not quiet else (lambda *a: None)
+    try:
+        if ckpt_file.exists():
+            status = (read_json(status_file) or {}).get("status")
+            if not resume:
+                raise ValueError(f"{run_dir} already holds a checkpoint; pass --resume to continue it or choose "
+                                 f"another --run-dir (nothing is deleted)")
+            if status in TERMINAL:
+                say(f"memtrans train: {run_dir} already {status}; nothing to do")
+                return read_json(run_dir / "summary.json") or {"status": status}
+        return _train(cfg, run_dir, ctx, device, ckpt_file, say, quiet, on_step)
+    finally:
+        D.shutdown(ctx)
+
+
+def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device, ckpt_file: Path, say, quiet,
+           on_step=None) -> dict:
+    from memtrans.data import DocumentStream, prepare_data
+    from memtrans.model import MemorizingTransformer
+
+    main_rank = ctx.is_main
+    tc = cfg.train
+    if tc.threads:
+        torch.set_num_threads(int(tc.threads))
+    # Data first (rank 0 fills the token cache, the others then read it).
+    if main_rank:
+        bundle = prepare_data(cfg.data, tc.seed)
+    D.barrier(ctx)
+    if not main_rank:
+        bundle = prepare_data(cfg.data, tc.seed)
+    notes = []
+    if cfg.model.vocab_size != bundle.vocab_size:
+        notes.append(f"model.vocab_size set from the tokenizer: {cfg.model.vocab_size} -> {bundle.vocab_size}")
+        say(f"memtrans train: note: {notes[-1]}")
+        cfg.model.vocab_size = bundle.vocab_size
+    if "train" not in bundle.splits or len(bundle.splits["train"]) == 0:
+        raise ValueError(f"the training split of corpus {cfg.data.corpus!r} is empty")
+
+    ckpt = load_checkpoint(ckpt_file) if ckpt_file.exists() else None
+    if ckpt is not None:
+        diff = [k for k in config_differences(ckpt.get("config", {}), cfg.to_dict()) if k not in RESUMABLE_CHANGES
+                and not k.startswith("eval.")]
+        if diff:
+            raise ValueError(f"cannot resume {run_dir}: the config differs from the checkpoint's in {', '.join(diff)}")
+        if ckpt.get("world_size", 1) != ctx.world_size:
+            raise ValueError(f"cannot resume {run_dir}: checkpoint was written by {ckpt.get('world_size', 1)} "
+                             f"processes, now {ctx.world_size}")
+
+    torch.manual_seed(tc.seed)
+    model = MemorizingTransformer(cfg.model).to(device)
+    init_info = None
+    if ckpt is None and tc.init_from:
+        src = resolve_checkpoint(tc.init_from)
+        init_info = load_weights_partial(model, model_weights(load_checkpoint(src), src), str(src))
+        init_info["source"] = str(src)
+        say(f"memtrans train: initialised from {src}; fresh (missing) parameters: {init_info['missing'] or 'none'}; "
+            f"ignored (unexpected): {init_info['unexpected'] or 'none'}")
+    D.broadcast_params(model, ctx)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in params)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, tc.steps)
+    B, T = cfg.data.batch_size, cfg.model.segment_len
+    stream = DocumentStream(bundle.splits["train"], B, T, seed=tc.seed, loop=True, rank=ctx.rank,
+                            world_size=ctx.world_size)
+    state = model.init_state(B)
+    tracker = StabilityTracker(cfg.optim.warmup_steps, tc.spike_window, tc.spike_factor, tc.divergence_factor,
+                               cfg.optim.grad_clip)
+    torch.manual_seed(tc.seed * 1000 + ctx.rank + 1)  # per-rank RNG for dropout
+    step, tokens, wall_before = 0, 0, 0.0
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            mine = ckpt["ranks"][ctx.rank]
+            stream.load_state_dict(mine["stream"])
+            state = model.load_state(mine["model_state"], B)
+            tracker.load_state_dict(ckpt["stability"])
+        except (KeyError, RuntimeError, IndexError) as e:
+            raise ValueError(f"checkpoint {ckpt_file} does not fit this run ({type(e).__name__}: {str(e)[:300]})") from None
+        set_rng_state(mine["rng"], device)
+        step, tokens, wall_before = int(ckpt["step"]), int(ckpt["tokens"]), float(ckpt.get("wall_time_s", 0.0))
+        init_info = ckpt.get("init_from")
+        notes = list(dict.fromkeys(ckpt.get("notes", []) + notes))
+        say(f"memtrans train: resuming {run_dir} at step {step} ({tokens} tokens)")
+    del ckpt
+
+    metrics_file = run_dir / "metrics.jsonl"
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        truncate_metrics(metrics_file, step)
+    start = time.time()
+
+    def wall() -> float:
+        return wall_before + time.time() - start
+
+    def write_status(status: str, error: str | None = None) -> None:
+        if main_rank:
+            atomic_write_json(run_dir / "status.json", {"status": status, "step": step, "error": error,
+                                                         "wall_time_s": round(wall(), 3)})
+
+    def checkpoint(finished: bool, status: str) -> None:
+        per_rank = D.gather_objects({"rng": rng_state(device), "stream": stream.state_dict(),
+                                     "model_state": state.state_dict()}, ctx)
+        if main_rank:
+            save_checkpoint({"version": CHECKPOINT_VERSION, "step": step, "tokens": tokens, "wall_time_s": wall(),
+                             "finished": finished, "status": status, "config": cfg.to_dict(),
+                             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "stability": tracker.state_dict(),
+                             "world_size": ctx.world_size, "ranks": per_rank, "rng": per_rank[0]["rng"],
+                             "stream": per_rank[0]["stream"], "model_state": per_rank[0]["model_state"],
+                             "init_from": init_info, "notes": notes}, ckpt_file)
+
+    write_status("running")
+    tb = Tensorboard(run_dir, tc.tensorboard and main_rank)
+    bar = _progress(tc.steps, step, main_rank and not quiet)
+    metrics = open(metrics_file, "a") if main_rank else None
+    amp = autocast_context(tc.precision, device)
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip and cfg.optim.grad_clip > 0 else math.inf
+    budget_hit = None
+    final_status = "finished"
+    last_loss = None
+    interval_tokens, interval_start = 0, time.time()
+    try:
+        model.train()
+        while step < tc.steps:
+            batch = next(stream)
+            model.reset_state(state, batch.new_doc)
+            batch = batch.to(device)
+            with amp:
+                logits, state = model(batch.tokens, state)
+            loss, n_tok = masked_loss(logits, batch.targets, batch.loss_mask)
+            loss.backward()
+            D.average_gradients(params, ctx)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            loss_value, = D.mean_scalars([float(loss.detach())], ctx, device)
+            n_tok = int(D.sum_scalars([float(n_tok)], ctx, device)[0])
+            flags = tracker.update(step + 1, loss_value, grad_norm)
+            if flags["diverged"]:
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                final_status = "diverged"
+                say(f"memtrans train: diverged: {flags['reason']}")
+                if main_rank:
+                    metrics.write(json.dumps({"step": step, "loss": loss_value, "grad_norm": grad_norm,
+                                              "lr": scheduler.get_last_lr()[0], "tokens": tokens,
+                                              "tokens_per_s": 0.0, "clipped": False, "time": round(wall(), 3),
+                                              "diverged": True}) + "\n")
+                    metrics.flush()
+                break
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += n_tok
+            interval_tokens += n_tok
+            last_loss = loss_value
+            if step % max(1, tc.log_every) == 0 or step == tc.steps:
+                now = time.time()
+                tps = interval_tokens / max(now - interval_start, 1e-9)
+                interval_tokens, interval_start = 0, now
+                rec = {"step": step, "loss": loss_value, "grad_norm": grad_norm, "lr": lr, "tokens": tokens,
+                       "tokens_per_s": round(tps, 2), "clipped": bool(flags["clipped"]), "time": round(wall(), 3)}
+                if flags["loss_spike"] or flags["grad_spike"]:
+                    rec.update(loss_spike=flags["loss_spike"], grad_spike=flags["grad_spike"])
+                if main_rank:
+                    metrics.write(json.dumps(rec) + "\n")
+                    metrics.flush()
+                    tb.log(rec)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:.0f}")
+            bar.update(1)
+            stop = None
+            if tc.budget_tokens is not None and tokens >= tc.budget_tokens:
+                stop = f"budget_tokens ({tc.budget_tokens})"
+            elif tc.budget_minutes is not None and wall() >= tc.budget_minutes * 60:
+                stop = f"budget_minutes ({tc.budget_minutes})"
+            if D.any_flag(stop is not None, ctx, device):
+                budget_hit = stop or "budget (another rank)"
+                say(f"memtrans train: stopping at step {step}: {budget_hit} reached")
+                break
+            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
+                checkpoint(False, "running")
+                write_status("running")
+            if on_step is not None:
+                on_step(step)
+        checkpoint(True, final_status)
+    except BaseException as e:
+        bar.close()
+        tb.close()
+        if metrics is not None:
+            metrics.close()
+        write_status("failed", f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+        raise
+    bar.close()
+    tb.close()
+    if metrics is not None:
+        metrics.close()
+
+    checksums = D.gather_objects(D.param_checksum(model), ctx) if ctx.enabled else None
+    w = wall()
+    stab = tracker.summary()
+    summary = {"status": final_status, "steps": step, "tokens": tokens, "final_loss": last_loss,
+               "loss_spikes": stab["loss_spikes"], "grad_spikes": stab["grad_spikes"],
+               "clipped_fraction": stab["clipped_fraction"], "diverged": stab["diverged"],
+               "diverged_step": stab["diverged_step"], "diverged_reason": stab["diverged_reason"],
+               "loss_spike_steps": stab["loss_spike_steps"], "grad_spike_steps": stab["grad_spike_steps"],
+               "reference_loss": stab["reference_loss"],
+               "tokens_per_s": tokens / w if w > 0 else 0.0, "wall_time_s": w, "params": n_params,
+               "budget_hit": budget_hit, "world_size": ctx.world_size, "device": str(device),
+               "precision": tc.precision, "init_from": init_info, "notes": notes}
+    if checksums is not None:
+        summary["rank_param_checksums"] = checksums
+    if main_rank:
+        atomic_write_json(run_dir / "summary.json", summary)
+        write_status(final_status)
+        if not quiet:
+            print(f"memtrans train: {final_status} at step {step}: loss {last_loss if last_loss is None else round(last_loss, 4)}, "
+                  f"{tokens} tokens, {summary['tokens_per_s']:.0f} tok/s, {w:.1f}s, "
+                  f"{stab['loss_spikes']} loss / {stab['grad_spikes']} grad spikes, "
+                  f"{100 * stab['clipped_fraction']:.0f}% clipped"
+                  + (f", stopped by {budget_hit}" if budget_hit else "") + f" -> {run_dir}", flush=True)
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memtrans train", description="Train a (memorizing) transformer from a YAML config.")
+    p.add_argument("--config", help="YAML config (defaults when omitted)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set model.gate=fixed (repeatable)")
+    p.add_argument("--run-dir", help="run directory (default runs/<config hash>)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/latest.pt if present")
+    p.add_argument("--init-from", help="run dir or .pt to initialise weights from (new parameters stay fresh)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or messages (errors still shown)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = load_config(args.config, list(args.overrides))
+    if args.init_from:
+        cfg.train.init_from = args.init_from
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.hash()
+    train(cfg, run_dir, resume=args.resume, quiet=args.quiet)
+    return 0
+
+
+__all__ = ["train", "main", "masked_loss", "autocast_context", "resolve_device", "config_from_dict"]
