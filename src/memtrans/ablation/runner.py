@@ -1,0 +1,498 @@
+"""`memtrans ablate PLAN --preset NAME`: run every (variant, seed) of a plan, then write the report.
+
+Each run lives in OUT/runs/<config hash>. A run whose status.json says finished/diverged and whose
+eval.json exists is skipped; any other existing run is started again with --resume (the trainer
+picks up its checkpoint). A run is two subprocesses, given by `run_commands` (the contract with the
+trainer and the evaluator). A failed run is recorded (status.json, error.txt) and the rest go on.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import functools
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from memtrans.ablation.plan import (BASELINE, ResolvedPlan, RunSpec, estimate_cost, format_seconds, load_plan,
+                                    resolve)
+from memtrans.config import config_from_dict, parse_override, save_config
+from memtrans.utils import atomic_write_json, atomic_write_text
+
+DONE_STATUSES = ("finished", "diverged")
+ERROR_TAIL_CHARS = 4000
+
+
+def run_commands(run_dir: Path, split: str = "test") -> list[list[str]]:
+    """The commands one run issues, in order (the trainer / evaluator CLI contract)."""
+    run_dir = Path(run_dir)
+    py = sys.executable
+    return [
+        [py, "-m", "memtrans", "train", "--config", str(run_dir / "config.yaml"), "--run-dir", str(run_dir),
+         "--resume"],
+        [py, "-m", "memtrans", "eval", str(run_dir), "--split", split],
+    ]
+
+
+@dataclass
+class RunOutcome:
+    returncode: int
+    stderr_tail: str = ""
+    command: str = ""  # the command that failed, if any
+
+
+RunFn = Callable[[Path, list[list[str]]], RunOutcome]
+
+
+def run_subprocess(run_dir: Path, commands: list[list[str]], threads: int | None = None) -> RunOutcome:
+    """Default run function: the commands one after another; output appended to RUN/stdout.log, stderr.log."""
+    run_dir = Path(run_dir)
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    for cmd in commands:
+        with open(run_dir / "stdout.log", "ab") as out, open(run_dir / "stderr.log", "ab") as err:
+            start = err.tell()
+            rc = subprocess.run(cmd, stdout=out, stderr=err, env=env).returncode
+        if rc != 0:
+            with open(run_dir / "stderr.log", "rb") as err:
+                err.seek(max(start, err.seek(0, 2) - ERROR_TAIL_CHARS))
+                tail = err.read().decode(errors="replace")
+            return RunOutcome(rc, tail, shlex.join(cmd))
+    return RunOutcome(0)
+
+
+# ----------------------------------------------------------------------------------- run state
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_done(run_dir: Path) -> bool:
+    """Finished (or diverged, which is a result too) and evaluated: nothing left to do."""
+    status = read_json(Path(run_dir) / "status.json") or {}
+    return status.get("status") in DONE_STATUSES and (Path(run_dir) / "eval.json").is_file()
+
+
+def last_metrics(run_dir: Path) -> dict | None:
+    """The last complete line of RUN/metrics.jsonl (read from the end; the file may be growing)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(max(0, size - 8192))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            return json.loads(line)
+        except ValueError:
+            continue
+    return None
+
+
+def record_outcome(run_dir: Path, outcome: RunOutcome) -> str:
+    """Turn a finished subprocess sequence into the run's final status; failures go to status.json + error.txt."""
+    status = read_json(run_dir / "status.json") or {}
+    if outcome.returncode == 0 and is_done(run_dir):
+        return status["status"]
+    if outcome.returncode == 0:
+        error = "the commands succeeded but status.json is not finished/diverged or eval.json is missing"
+    else:
+        error = f"exit code {outcome.returncode} from: {outcome.command}"
+    atomic_write_text(run_dir / "error.txt", f"{error}\n\n{outcome.stderr_tail}".rstrip() + "\n")
+    lines = [ln for ln in outcome.stderr_tail.strip().splitlines() if ln.strip()]
+    summary = f"{error}: {lines[-1].strip()}" if lines else error
+    atomic_write_json(run_dir / "status.json", {**status, "status": "failed", "error": summary})
+    return "failed"
+
+
+# ------------------------------------------------------------------------------------ executors
+
+@dataclass
+class RunJob:
+    spec: RunSpec
+    run_dir: Path
+    commands: list[list[str]]
+    label: str
+    resumed: bool
+
+    @property
+    def steps(self) -> int:
+        return int(self.spec.config["train"]["steps"])
+
+
+class Executor(Protocol):
+    def submit(self, job: RunJob) -> None: ...
+    def wait(self, timeout: float) -> list[tuple[RunJob, RunOutcome]]: ...  # runs completed since last call
+    def active(self) -> list[RunJob]: ...
+    def close(self) -> None: ...
+
+
+def _crash(e: BaseException) -> RunOutcome:
+    return RunOutcome(1, f"{type(e).__name__}: {e}", "run function")
+
+
+class LocalExecutor:
+    """Runs on this machine, `jobs` runs at a time (threads that each wait on a subprocess)."""
+
+    def __init__(self, jobs: int = 1, run_fn: RunFn | None = None):
+        if jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {jobs}")
+        threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+        self.run_fn = run_fn or functools.partial(run_subprocess, threads=threads)
+        self.pool = cf.ThreadPoolExecutor(max_workers=jobs)
+        self.futures: dict[cf.Future, RunJob] = {}
+
+    def submit(self, job: RunJob) -> None:
+        self.futures[self.pool.submit(self.run_fn, job.run_dir, job.commands)] = job
+
+    def wait(self, timeout: float) -> list[tuple[RunJob, RunOutcome]]:
+        if not self.futures:
+            return []
+        done, _ = cf.wait(self.futures, timeout=timeout, return_when=cf.FIRST_COMPLETED)
+        results = []
+        for f in done:
+            job = self.futures.pop(f)
+            try:
+                results.append((job, f.result()))
+            except Exception as e:  # a bug in a run function must not stop the study
+                results.append((job, _crash(e)))
+        return results
+
+    def active(self) -> list[RunJob]:
+        return [job for f, job in self.futures.items() if f.running()]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class RayExecutor:
+    """Runs as Ray tasks (RAY_ADDRESS selects a cluster; default a local one). Run directories must be on a
+    file system every worker sees, and workers need the same Python environment (commands use sys.executable)."""
+
+    def __init__(self, cpus_per_run: int = 1, run_fn: RunFn | None = None):
+        try:
+            import ray
+        except ImportError:
+            raise ValueError("--executor ray needs Ray: pip install 'memtrans[ray]' (or use --executor local)") from None
+        self.ray = ray
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+        fn = run_fn or functools.partial(run_subprocess, threads=cpus_per_run)
+        self.remote = ray.remote(num_cpus=cpus_per_run, max_retries=0)(fn)
+        self.pending: dict[Any, RunJob] = {}
+
+    def submit(self, job: RunJob) -> None:
+        self.pending[self.remote.remote(job.run_dir, job.commands)] = job
+
+    def wait(self, timeout: float) -> list[tuple[RunJob, RunOutcome]]:
+        if not self.pending:
+            return []
+        done, _ = self.ray.wait(list(self.pending), num_returns=len(self.pending), timeout=timeout)
+        results = []
+        for ref in done:
+            job = self.pending.pop(ref)
+            try:
+                results.append((job, self.ray.get(ref)))
+            except Exception as e:
+                results.append((job, _crash(e)))
+        return results
+
+    def active(self) -> list[RunJob]:  # Ray does not say which tasks started; show the ones writing metrics
+        return [job for job in self.pending.values() if (job.run_dir / "metrics.jsonl").exists()]
+
+    def close(self) -> None:
+        for ref in self.pending:
+            self.ray.cancel(ref, force=True)
+
+
+# ------------------------------------------------------------------------------------- progress
+
+class Progress:
+    """Overall and per-study progress plus one line per active run (step, loss, ETA from its metrics.jsonl).
+
+    Bars on a terminal (tqdm); plain lines otherwise (CI logs)."""
+
+    def __init__(self, resolved: ResolvedPlan, done: set[str], enabled: bool = True, stream=None):
+        from tqdm.auto import tqdm
+
+        self.tqdm = tqdm
+        self.stream = stream or sys.stderr
+        self.bars = enabled and self.stream.isatty()
+        self.quiet = not enabled
+        self.study_runs = {s.name: {h for v in variants for h in v.runs} for s, variants in resolved.studies}
+        self.done = set(done)
+        self.total = len(resolved.runs)
+        self.overall = tqdm(total=self.total, initial=len(self.done), desc="runs", file=self.stream,
+                            disable=not self.bars, position=0, dynamic_ncols=True)
+        self.run_bars: dict[str, Any] = {}
+        self.last_line = 0.0
+
+    def studies_text(self) -> str:
+        return " | ".join(f"{name} {len(runs & self.done)}/{len(runs)}" for name, runs in self.study_runs.items())
+
+    def write(self, text: str) -> None:
+        if not self.quiet:
+            self.tqdm.write(text, file=self.stream)
+
+    def started(self, job: RunJob) -> None:
+        self.write(f"start    {job.label} ({'resume' if job.resumed else 'new'}) -> {job.run_dir}")
+
+    def finished(self, job: RunJob, status: str, seconds: float) -> None:
+        self.done.add(job.spec.hash)
+        bar = self.run_bars.pop(job.spec.hash, None)
+        if bar is not None:
+            bar.close()
+        self.overall.update(1)
+        self.overall.set_postfix_str(self.studies_text(), refresh=True)
+        self.write(f"{status:<9}{job.label} in {format_seconds(seconds)} "
+                   f"[{len(self.done)}/{self.total} runs; {self.studies_text()}]")
+
+    def refresh(self, active: list[RunJob]) -> None:
+        now = time.time()
+        lines = []
+        for job in active:
+            row = last_metrics(job.run_dir) or {}
+            step, loss, tps = row.get("step", 0), row.get("loss"), row.get("tokens_per_s")
+            cfg = job.spec.config
+            eta = ""
+            if tps:
+                left = (job.steps - step) * cfg["data"]["batch_size"] * cfg["model"]["segment_len"] / tps
+                eta = f" eta {format_seconds(max(0.0, left))}"
+            text = f"loss {loss:.3f}{eta}" if isinstance(loss, (int, float)) else "starting"
+            if self.bars:
+                bar = self.run_bars.get(job.spec.hash)
+                if bar is None:
+                    bar = self.run_bars[job.spec.hash] = self.tqdm(
+                        total=job.steps, desc=job.label[:48], file=self.stream, leave=False,
+                        position=len(self.run_bars) + 1, dynamic_ncols=True,
+                        bar_format="{desc} {bar} {n_fmt}/{total_fmt} {postfix}")
+                bar.n = step
+                bar.set_postfix_str(text, refresh=True)
+            else:
+                lines.append(f"  ...  {job.label}: step {step}/{job.steps} {text}")
+        if lines and now - self.last_line >= 60:
+            self.last_line = now
+            for line in lines:
+                self.write(line)
+
+    def close(self) -> None:
+        for bar in self.run_bars.values():
+            bar.close()
+        self.overall.close()
+
+
+# ------------------------------------------------------------------------------------ running
+
+def run_label(spec: RunSpec) -> str:
+    names = "; ".join(v if s == "*" else f"{s}: {v}" for s, v in spec.members)
+    return f"{names} (seed {spec.seed})"
+
+
+def environment() -> dict:
+    """Hardware and software of the machine that ran the plan (without importing torch)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = None
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=20).stdout.strip()
+            gpu = "; ".join(out.splitlines()) or None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    versions = {"python": platform.python_version()}
+    for pkg in ("memtrans", "torch", "numpy", "faiss-cpu", "faiss-gpu", "faiss"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "platform": platform.platform(), "versions": versions}
+
+
+def write_record(out: Path, record: dict) -> None:
+    atomic_write_json(out / "plan.json", record)
+
+
+def execute(resolved: ResolvedPlan, out: Path, executor: Executor, meta: dict | None = None,
+            progress: bool = True, poll_s: float = 1.0) -> dict[str, str]:
+    """Run every run of `resolved` not already done; returns {hash: status} for all runs."""
+    out = Path(out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    record = {**resolved.record(), **(meta or {}), "environment": environment(),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_time_s": None}
+    write_record(out, record)
+    statuses: dict[str, str] = {}
+    jobs = []
+    for h, spec in resolved.runs.items():
+        run_dir = out / "runs" / h
+        if is_done(run_dir):
+            statuses[h] = (read_json(run_dir / "status.json") or {})["status"]
+            continue
+        resumed = (run_dir / "status.json").exists() or (run_dir / "checkpoints").exists()
+        save_config(config_from_dict(spec.config), run_dir / "config.yaml")
+        jobs.append(RunJob(spec, run_dir, run_commands(run_dir), run_label(spec), resumed))
+    display = Progress(resolved, done=set(statuses), enabled=progress)
+    if statuses:
+        display.write(f"skip     {len(statuses)} finished run(s) already in {out / 'runs'}")
+    begun: dict[str, float] = {}
+    try:
+        for job in jobs:
+            executor.submit(job)
+        remaining = len(jobs)
+        while remaining:
+            for job in executor.active():
+                if job.spec.hash not in begun:
+                    begun[job.spec.hash] = time.time()
+                    display.started(job)
+            for job, outcome in executor.wait(poll_s):
+                now = time.time()
+                remaining -= 1
+                status = record_outcome(job.run_dir, outcome)
+                statuses[job.spec.hash] = status
+                if job.spec.hash not in begun:
+                    display.started(job)
+                display.finished(job, status, now - begun.get(job.spec.hash, now))
+            display.refresh(executor.active())
+    finally:
+        display.close()
+        executor.close()
+        record["wall_time_s"] = round(time.time() - started, 1)
+        record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        record["statuses"] = statuses
+        write_record(out, record)
+    return statuses
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memtrans ablate", description="Run an ablation plan and write its report.")
+    p.add_argument("plan", help="plan YAML, e.g. plans/memorizing_transformers.yaml")
+    p.add_argument("--preset", required=True, help="budget preset defined in the plan (e.g. ci, demo, small, paper)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs it would make and their cost; run nothing")
+    p.add_argument("--out", help="output directory (default runs/ablations/<plan>-<preset>)")
+    p.add_argument("--seeds", type=int, help="number of seeds (0..N-1), instead of the preset's")
+    p.add_argument("--only", action="append", metavar="STUDY", help="run only this study (repeatable); "
+                   "the baseline is always run")
+    p.add_argument("--executor", choices=("local", "ray"), default="local")
+    p.add_argument("--jobs", type=int, default=1, help="local executor: runs in parallel (default 1)")
+    p.add_argument("--cpus-per-run", type=int, default=1, help="ray executor: CPUs reserved per run")
+    p.add_argument("--budget-minutes", type=float, help="per-run wall-clock budget (train.budget_minutes)")
+    p.add_argument("--budget-tokens", type=int, help="per-run token budget (train.budget_tokens)")
+    p.add_argument("--init-from", metavar="RUN_OR_CKPT",
+                   help="fine-tune every variant from this run dir or checkpoint (train.init_from)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config override for every run, e.g. data.corpus=jsonl:/data/pg19.jsonl")
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
+    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    return p
+
+
+def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    for text in args.set:
+        keys, value = parse_override(text)
+        extra[".".join(keys)] = value
+    if args.budget_minutes is not None:
+        extra["train.budget_minutes"] = args.budget_minutes
+    if args.budget_tokens is not None:
+        extra["train.budget_tokens"] = args.budget_tokens
+    if args.init_from is not None:
+        path = Path(args.init_from)
+        if not path.exists():
+            raise ValueError(f"--init-from {args.init_from}: no such run directory or checkpoint")
+        extra["train.init_from"] = str(path.resolve())
+    return extra
+
+
+def dry_run_text(resolved: ResolvedPlan, out: Path) -> str:
+    preset, plan = resolved.preset, resolved.plan
+    lines = [f"plan {plan.name} ({plan.path}), preset {preset.name}: {preset.description}",
+             f"memory sizes scaled by {preset.memory_size_scale} (nominal -> run): " + ", ".join(
+                 sorted({f"{v.memory_size_nominal}->{v.memory_size}" for _, vs in resolved.studies for v in vs},
+                        key=lambda s: int(s.split("-")[0]))),
+             "preset overrides: " + " ".join(f"{k}={v}" for k, v in preset.overrides.items())]
+    if resolved.extra_overrides:
+        lines.append("command-line overrides: " + " ".join(f"{k}={v}" for k, v in resolved.extra_overrides.items()))
+    lines.append(f"seeds: {', '.join(map(str, resolved.seeds))}; output: {out}")
+    lines.append("")
+    header = f"{'#':>3}  {'hash':<12}  {'seed':>4}  {'study: variant':<48}  {'overrides':<40}  {'tokens':>12}  {'est.':>8}"
+    lines += [header, "-" * len(header)]
+    total_tokens, total_s, done = 0, 0.0, 0
+    for i, (h, spec) in enumerate(resolved.runs.items(), 1):
+        est = estimate_cost(spec.config, preset.est_flops_per_s)
+        total_tokens += est["tokens"]
+        total_s += est["seconds"]
+        finished = is_done(out / "runs" / h)
+        done += finished
+        if spec.members[0][1] == BASELINE:
+            who = f"baseline (shared by {len(resolved.studies)} studies)"
+        else:
+            who = "; ".join(f"{s}: {v}" for s, v in spec.members)
+        ov = " ".join(f"{k}={json.dumps(v)}" for k, v in spec.overrides.items()) or "-"
+        lines.append(f"{i:>3}  {h:<12}  {spec.seed:>4}  {who:<48}  {ov:<40}  {est['tokens']:>12,}  "
+                     f"{format_seconds(est['seconds']):>8}" + ("  (finished, skip)" if finished else ""))
+    n_variants = len({(s, v) for spec in resolved.runs.values() for s, v in spec.members[:1]})
+    lines += ["", f"{len(resolved.runs)} runs ({n_variants} variants x {len(resolved.seeds)} seed(s); the baseline "
+                  f"is shared by all {len(resolved.studies)} studies), {total_tokens:,} tokens, roughly "
+                  f"{format_seconds(total_s)} run one at a time (estimate at {preset.est_flops_per_s:.2g} flop/s)"
+                  + (f"; {done} already finished" if done else "")]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None, run_fn: RunFn | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    plan = load_plan(args.plan)
+    seeds = list(range(args.seeds)) if args.seeds is not None else None
+    if seeds is not None and not seeds:
+        raise ValueError("--seeds must be >= 1")
+    resolved = resolve(plan, args.preset, seeds=seeds, only=args.only, extra_overrides=cli_overrides(args))
+    out = Path(args.out or Path("runs") / "ablations" / f"{Path(args.plan).stem}-{args.preset}")
+    if args.dry_run:
+        print(dry_run_text(resolved, out))
+        return 0
+    if args.executor == "ray":
+        executor: Executor = RayExecutor(args.cpus_per_run, run_fn)
+    else:
+        executor = LocalExecutor(args.jobs, run_fn)
+    meta = {"command": shlex.join(["memtrans", "ablate", *(sys.argv[2:] if argv is None else argv)]),
+            "cwd": os.getcwd(), "executor": args.executor, "jobs": args.jobs,
+            "budget_minutes": args.budget_minutes, "budget_tokens": args.budget_tokens,
+            "init_from": resolved.extra_overrides.get("train.init_from"), "only": args.only}
+    statuses = execute(resolved, out, executor, meta, progress=not args.no_progress)
+    failed = sorted(h for h, s in statuses.items() if s == "failed")
+    if not args.no_report:
+        from memtrans.ablation.report import write_report
+
+        path = write_report(out)
+        print(f"report: {path}")
+    if failed:
+        print(f"{len(failed)} run(s) failed (see {out}/runs/<hash>/error.txt): {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

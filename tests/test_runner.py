@@ -1,0 +1,179 @@
+"""Runner: dry run, skipping finished runs, resuming, failures, the subprocess contract (fake executor)."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from memtrans.ablation import runner
+from memtrans.ablation.runner import LocalExecutor, RunOutcome, run_commands
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAN = str(ROOT / "plans" / "memorizing_transformers.yaml")
+
+
+class FakeRun:
+    """Stands in for train + eval: writes the run files a finished run has; can fail chosen runs."""
+
+    def __init__(self, fail_if=None):
+        self.calls: list[Path] = []
+        self.commands: list[list[list[str]]] = []
+        self.fail_if = fail_if
+
+    def __call__(self, run_dir, commands):
+        run_dir = Path(run_dir)
+        self.calls.append(run_dir)
+        self.commands.append(commands)
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        if self.fail_if and self.fail_if(cfg):
+            (run_dir / "status.json").write_text(json.dumps({"status": "running", "step": 3}))
+            return RunOutcome(3, "Traceback ...\nRuntimeError: boom\n", "python -m memtrans train ...")
+        steps = cfg["train"]["steps"]
+        loss = 3.0 if cfg["model"]["memory_layers"] else 3.5
+        (run_dir / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, "loss": loss + 1.0 / (s + 1), "grad_norm": 1.0, "tokens_per_s": 100.0}) + "\n"
+            for s in range(0, steps + 1, 10)))
+        (run_dir / "summary.json").write_text(json.dumps({"final_loss": loss, "loss_spikes": 0, "grad_spikes": 0,
+                                                          "clipped_fraction": 0.0, "diverged": False,
+                                                          "tokens_per_s": 100.0}))
+        (run_dir / "status.json").write_text(json.dumps({"status": "finished", "step": steps, "error": None}))
+        (run_dir / "eval.json").write_text(json.dumps({"split": "test", "loss": loss, "ppl": 2 ** loss, "bpb": loss,
+                                                       "acc": 0.5, "by_position": [], "recall": None,
+                                                       "diagnostics": {}}))
+        return RunOutcome(0)
+
+
+def ablate(tmp_path, fake, *extra):
+    return runner.main([PLAN, "--preset", "ci", "--out", str(tmp_path / "out"), "--no-progress", *extra], run_fn=fake)
+
+
+def test_run_commands_contract(tmp_path):
+    assert run_commands(tmp_path / "r") == [
+        [sys.executable, "-m", "memtrans", "train", "--config", str(tmp_path / "r" / "config.yaml"),
+         "--run-dir", str(tmp_path / "r"), "--resume"],
+        [sys.executable, "-m", "memtrans", "eval", str(tmp_path / "r"), "--split", "test"],
+    ]
+
+
+def test_dry_run_lists_each_variant_once_and_shares_the_baseline(tmp_path, capsys):
+    fake = FakeRun()
+    assert ablate(tmp_path, fake, "--dry-run", "--seeds", "2") == 0
+    out = capsys.readouterr().out
+    rows = [ln for ln in out.splitlines() if re.match(r"\s*\d+\s+[0-9a-f]{12}\s", ln)]
+    assert len(rows) == 28  # 14 variants x 2 seeds
+    assert sum("baseline (shared by 5 studies)" in r for r in rows) == 2
+    for variant in ["Memory Ablation: no memory", "Gating Mechanism: fixed 0.5 weight", "Memory Size: 8K",
+                    "Memory Size: 262K", "Key/Query Normalization: no qk-norm", "Layer Position: multiple layers"]:
+        assert sum(variant in r for r in rows) == 2, variant
+    assert "model.memory_size=32" in out and "memory sizes scaled by 1/256" in out
+    assert "28 runs (14 variants x 2 seed(s)" in out
+    assert len({r.split()[1] for r in rows}) == 28  # one config hash per run
+    assert fake.calls == [] and not (tmp_path / "out").exists()
+
+
+def test_finished_runs_are_skipped_interrupted_resumed_changed_rerun(tmp_path):
+    fake = FakeRun()
+    assert ablate(tmp_path, fake, "--only", "Memory Ablation") == 0
+    assert len(fake.calls) == 2  # baseline + no memory
+    assert fake.commands[0] == run_commands(fake.calls[0])
+    out = tmp_path / "out"
+    assert (out / "REPORT.md").is_file() and (out / "results.csv").is_file()
+    plan = json.loads((out / "plan.json").read_text())
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(plan["runs"])
+    for run_dir in fake.calls:  # named by the hash of the config it holds
+        assert runner.config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text())).hash() == run_dir.name
+
+    fake2 = FakeRun()
+    assert ablate(tmp_path, fake2, "--only", "Memory Ablation") == 0
+    assert fake2.calls == []
+
+    interrupted = fake.calls[1]
+    (interrupted / "status.json").write_text(json.dumps({"status": "running", "step": 10}))
+    (interrupted / "eval.json").unlink()
+    fake3 = FakeRun()
+    assert ablate(tmp_path, fake3, "--only", "Memory Ablation") == 0
+    assert fake3.calls == [interrupted] and "--resume" in fake3.commands[0][0]
+
+    fake4 = FakeRun()
+    assert ablate(tmp_path, fake4, "--only", "Memory Ablation", "--budget-tokens", "5000") == 0
+    assert len(fake4.calls) == 2 and not set(fake4.calls) & set(fake.calls)
+    assert yaml.safe_load((fake4.calls[0] / "config.yaml").read_text())["train"]["budget_tokens"] == 5000
+    assert json.loads((out / "plan.json").read_text())["budget_tokens"] == 5000
+
+
+def test_failed_run_is_recorded_and_the_rest_go_on(tmp_path):
+    fake = FakeRun(fail_if=lambda cfg: not cfg["model"]["qk_norm"])
+    assert ablate(tmp_path, fake, "--only", "Key/Query Normalization", "--only", "Memory Ablation") == 1
+    assert len(fake.calls) == 3
+    failed = [d for d in fake.calls if json.loads((d / "status.json").read_text())["status"] == "failed"]
+    assert len(failed) == 1
+    status = json.loads((failed[0] / "status.json").read_text())
+    assert "exit code 3" in status["error"] and "boom" in status["error"] and status["step"] == 3
+    assert "RuntimeError: boom" in (failed[0] / "error.txt").read_text()
+    ok = [d for d in fake.calls if d not in failed]
+    assert all(json.loads((d / "status.json").read_text())["status"] == "finished" for d in ok)
+    report = (tmp_path / "out" / "REPORT.md").read_text()
+    assert "Failed runs:" in report and "boom" in report
+    fake2 = FakeRun()  # a failed run is tried again next time; finished ones are not
+    ablate(tmp_path, fake2, "--only", "Key/Query Normalization", "--only", "Memory Ablation")
+    assert fake2.calls == failed
+
+
+def test_crashing_run_function_is_a_failed_run(tmp_path):
+    def crash(run_dir, commands):
+        raise OSError("no such interpreter")
+
+    assert ablate(tmp_path, crash, "--only", "Memory Ablation") == 1
+    errors = sorted((tmp_path / "out" / "runs").glob("*/error.txt"))
+    assert len(errors) == 2 and "no such interpreter" in errors[0].read_text()
+
+
+def test_invalid_input_is_rejected_before_any_run(tmp_path):
+    fake = FakeRun()
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        runner.main([PLAN, "--preset", "nope", "--out", str(tmp_path)], run_fn=fake)
+    with pytest.raises(ValueError, match="--init-from .*no such run directory"):
+        ablate(tmp_path, fake, "--init-from", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="unknown config key 'gatee'"):
+        ablate(tmp_path, fake, "--set", "model.gatee=fixed")
+    with pytest.raises(ValueError, match="no such study"):
+        ablate(tmp_path, fake, "--only", "Dropout")
+    assert fake.calls == []
+
+
+def test_init_from_and_set_reach_every_run(tmp_path):
+    pre = tmp_path / "pretrained"
+    pre.mkdir()
+    fake = FakeRun()
+    ablate(tmp_path, fake, "--only", "Memory Ablation", "--init-from", str(pre), "--set", "train.steps=20")
+    cfgs = [yaml.safe_load((d / "config.yaml").read_text()) for d in fake.calls]
+    assert all(c["train"]["init_from"] == str(pre.resolve()) and c["train"]["steps"] == 20 for c in cfgs)
+
+
+def test_local_executor_runs_jobs_in_parallel(tmp_path):
+    fake = FakeRun()
+    ex = LocalExecutor(jobs=2, run_fn=fake)
+    assert ex.run_fn is fake
+    assert ablate(tmp_path, fake, "--only", "Memory Size", "--jobs", "2") == 0
+    assert len(fake.calls) == 5
+
+
+def test_ray_executor_says_how_to_install(tmp_path):
+    pytest.importorskip("memtrans")
+    try:
+        import ray  # noqa: F401
+        pytest.skip("ray is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ValueError, match=r"pip install 'memtrans\[ray\]'"):
+        ablate(tmp_path, FakeRun(), "--executor", "ray")
+
+
+def test_last_metrics_reads_the_last_complete_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert runner.last_metrics(tmp_path) == {"step": 2, "loss": 1.5}
+    assert runner.last_metrics(tmp_path / "nope") is None
