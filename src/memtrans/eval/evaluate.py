@@ -91,16 +91,20 @@ class Accumulator:
                 "acc": correct / tokens, "tokens": int(tokens)}
 
 
-def _load_run(run_dir: Path, overrides: list[str] | None):
-    from memtrans.train.checkpoint import checkpoint_path, load_checkpoint
-
-    if not run_dir.is_dir():
-        raise ValueError(f"run directory {run_dir} does not exist")
+def check_overrides(overrides: list[str] | None) -> None:
     for o in overrides or []:
         key = o.split("=", 1)[0].strip()
         if not key.startswith(ALLOWED_OVERRIDES):
             raise ValueError(f"eval --set {key}: only eval.* (and train.device, train.threads) may be overridden "
                              f"at evaluation time")
+
+
+def _load_run(run_dir: Path, overrides: list[str] | None):
+    from memtrans.train.checkpoint import checkpoint_path, load_checkpoint
+
+    if not run_dir.is_dir():
+        raise ValueError(f"run directory {run_dir} does not exist")
+    check_overrides(overrides)
     if not (run_dir / "config.yaml").is_file():
         raise ValueError(f"{run_dir} has no config.yaml (not a training run directory?)")
     cfg = load_config(run_dir / "config.yaml", overrides)
@@ -283,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     split = args.split
+    check_overrides(args.overrides)
     if split is None:
         split = load_config(Path(args.run_dir) / "config.yaml", args.overrides).eval.split \
             if (Path(args.run_dir) / "config.yaml").is_file() else "test"
