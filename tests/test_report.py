@@ -34,7 +34,7 @@ def test_describe_and_welch():
 
 
 def _write_run(out: Path, h: str, *, ppl: float = 11.0, acc: float = 0.5, status: str = "finished",
-               heads: int = 2, layers=(2,), spikes: int = 0):
+               heads: int = 2, layers=(2,), spikes: int = 0, gates_none: bool = False):
     d = out / "runs" / h
     d.mkdir(parents=True)
     (d / "status.json").write_text(json.dumps({"status": status, "step": 30,
@@ -54,7 +54,8 @@ def _write_run(out: Path, h: str, *, ppl: float = 11.0, acc: float = 0.5, status
                         {"bucket": "8K-32K", "lo": 8192, "hi": 32768, "ppl": 99.0, "tokens": 10}],
         "recall": {"acc": 0.75, "chance": 0.1, "tokens": 64, "by_distance": [{"lo": 0, "hi": 512, "acc": 0.75,
                                                                               "tokens": 64}]},
-        "diagnostics": {"gates": {str(layer): [0.25 + 0.5 * h / heads for h in range(heads)] for layer in layers}}}))
+        "diagnostics": {"gates": {str(layer): None if gates_none else [0.25 + 0.5 * h / heads for h in range(heads)]
+                                  for layer in layers}}}))
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,8 @@ def out(tmp_path_factory):
     written |= set(base) | set(runs_of("Memory Size", "8K")) | {runs_of("Memory Size", "32K")[0]} | set(qk)
     for h, spec in resolved.runs.items():
         if h not in written and spec.members[0][1] not in ("32K",):
-            _write_run(out, h, layers=spec.config["model"]["memory_layers"])
+            _write_run(out, h, layers=spec.config["model"]["memory_layers"],
+                       gates_none=spec.config["model"]["gate"] == "concat")  # as the evaluator writes it
     assert report.main([str(out)]) == 0
     return out, resolved
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from memtrans.ablation import runner
-from memtrans.ablation.runner import LocalExecutor, RunOutcome, run_commands
+from memtrans.ablation.runner import RunOutcome, run_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAN = str(ROOT / "plans" / "memorizing_transformers.yaml")
@@ -156,8 +156,6 @@ def test_init_from_and_set_reach_every_run(tmp_path):
 
 def test_local_executor_runs_jobs_in_parallel(tmp_path):
     fake = FakeRun()
-    ex = LocalExecutor(jobs=2, run_fn=fake)
-    assert ex.run_fn is fake
     assert ablate(tmp_path, fake, "--only", "Memory Size", "--jobs", "2") == 0
     assert len(fake.calls) == 5
 

@@ -115,7 +115,8 @@ def gate_values(title: str, variants: list[VariantData], path: Path) -> Path | N
         for r in v.runs:
             gates = ((r.eval.get("diagnostics") or {}).get("gates") or {}) if r.ok else {}
             for layer, heads in gates.items():
-                per_layer[layer].append([float(g) for g in heads])
+                if heads:  # None where the gate has no per-head value (e.g. concatenation)
+                    per_layer[layer].append([float(g) for g in heads])
         for layer, seeds in sorted(per_layer.items()):
             width = min(len(s) for s in seeds)
             series.append((f"{v.label}, layer {layer}", [sum(s[h] for s in seeds) / len(seeds) for h in range(width)]))
