@@ -49,9 +49,13 @@ def timeit(fn, reps: int = 3, warmup: int = 1) -> float:
     return statistics.median(ts)
 
 
-def clustered_unit(n: int, d: int, centres: torch.Tensor, g: torch.Generator, noise: float = 0.35) -> torch.Tensor:
-    """n L2-normalised vectors drawn around random cluster centres (closer to real attention keys than iid)."""
-    x = centres[torch.randint(0, len(centres), (n,), generator=g)] + noise * torch.randn(n, d, generator=g) / d ** 0.5
+def clustered_unit(n: int, d: int, centres: torch.Tensor, g: torch.Generator, noise: float = 0.6) -> torch.Tensor:
+    """n L2-normalised vectors around random unit cluster centres (closer to real attention keys than iid).
+
+    noise is the expected norm of the perturbation added to a unit centre before normalising (0.6: a
+    point's cosine to its centre is ~0.85)."""
+    c = torch.nn.functional.normalize(centres, dim=-1)
+    x = c[torch.randint(0, len(c), (n,), generator=g)] + noise * torch.randn(n, d, generator=g) / d ** 0.5
     return torch.nn.functional.normalize(x, dim=-1)
 
 
