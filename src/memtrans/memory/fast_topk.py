@@ -20,7 +20,7 @@ from torch.topk). Scores:
   vs fp32 is therefore at least as high as the reference bf16 path's. Needs bf16 keys.
 
 Build: g++ (>= 10) compiles the source below once per source hash into $MEMTRANS_EXT_CACHE (default
-~/.cache/memtrans/ext) in ~3 s; functions carry AVX-512 target attributes and `available()` checks the
+~/.cache/memtrans/ext), a few seconds (7 s measured here under load); functions carry AVX-512 target attributes and `available()` checks the
 CPU at run time. If anything fails, `topk` returns None and the caller uses the torch reference path.
 """
 from __future__ import annotations
