@@ -171,6 +171,8 @@ class TrainConfig:
     spike_window: int = 50
     spike_factor: float = 2.0
     divergence_factor: float = 4.0  # loss > factor x initial loss (after warm-up) counts as divergence
+    # weight in the training loss of tokens scored by a recall corpus (batch.tags >= 0); 1.0 = plain LM loss
+    tagged_loss_weight: float = 1.0
 
 
 @dataclass

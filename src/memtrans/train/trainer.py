@@ -53,11 +53,16 @@ def autocast_context(precision: str, device: torch.device):
     raise ValueError(f"train.precision: {precision!r} is not allowed; choose bf16 or fp32")
 
 
-def masked_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over `mask` (0 with a graph when nothing is masked in)."""
+def masked_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, tags: torch.Tensor | None = None,
+                tagged_weight: float = 1.0) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over `mask` (0 with a graph when nothing is masked in); with `tagged_weight` != 1,
+    a weighted mean in which tokens with tags >= 0 count `tagged_weight` times."""
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
     m = mask.reshape(-1).to(nll.dtype)
     n = int(mask.sum())
+    if tags is not None and tagged_weight != 1.0:
+        m = m * torch.where(tags.reshape(-1) >= 0, tagged_weight, 1.0).to(nll.dtype)
+        return (nll * m).sum() / m.sum().clamp(min=1e-9), n
     return (nll * m).sum() / max(n, 1), n
 
 
@@ -277,7 +282,7 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
             batch = batch.to(device)
             with amp:
                 logits, state = model(batch.tokens, state)
-            loss, n_tok = masked_loss(logits, batch.targets, batch.loss_mask)
+            loss, n_tok = masked_loss(logits, batch.targets, batch.loss_mask, batch.tags, tc.tagged_loss_weight)
             loss.backward()
             D.average_gradients(params, ctx)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
