@@ -175,3 +175,25 @@ def test_last_metrics_reads_the_last_complete_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
     assert runner.last_metrics(tmp_path) == {"step": 2, "loss": 1.5}
     assert runner.last_metrics(tmp_path / "nope") is None
+
+
+def test_pretrain_steps_trains_one_no_memory_model_and_every_run_starts_from_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fake = FakeRun()
+    assert ablate(tmp_path, fake, "--only", "Memory Ablation", "--pretrain-steps", "7") == 0
+    pre, *runs = fake.calls
+    assert pre.parent == Path("runs") / "pretrain" and fake.commands[0] == run_commands(pre)[:1]  # train only
+    pre_cfg = yaml.safe_load((pre / "config.yaml").read_text())
+    assert pre_cfg["model"]["memory_layers"] == [] and pre_cfg["train"]["steps"] == 7
+    assert len(runs) == 2  # baseline + no memory
+    for run in runs:
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        assert cfg["train"]["init_from"] == str(pre) and cfg["train"]["steps"] != 7
+    # A finished pretrain with its checkpoint is reused: nothing is trained again.
+    (pre / "checkpoints").mkdir()
+    (pre / "checkpoints" / "latest.pt").write_bytes(b"x")
+    again = FakeRun()
+    assert ablate(tmp_path, again, "--only", "Memory Ablation", "--pretrain-steps", "7") == 0
+    assert again.calls == []
+    with pytest.raises(ValueError, match="excludes --init-from"):
+        ablate(tmp_path, FakeRun(), "--pretrain-steps", "7", "--init-from", str(pre))

@@ -26,7 +26,7 @@ from typing import Any, Callable, Protocol
 
 from memtrans.ablation.plan import (BASELINE, ResolvedPlan, RunSpec, estimate_cost, format_seconds, load_plan,
                                     resolve)
-from memtrans.config import config_from_dict, parse_override, save_config
+from memtrans.config import Config, apply_overrides, config_from_dict, parse_override, save_config
 from memtrans.utils import atomic_write_json, atomic_write_text
 
 DONE_STATUSES = ("finished", "diverged")
@@ -404,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-tokens", type=int, help="per-run token budget (train.budget_tokens)")
     p.add_argument("--init-from", metavar="RUN_OR_CKPT",
                    help="fine-tune every variant from this run dir or checkpoint (train.init_from)")
+    p.add_argument("--pretrain-steps", type=int, metavar="N",
+                   help="the paper's fine-tuning recipe in one command: train one no-memory model for N steps "
+                        "(runs/pretrain/<hash>, reused when finished), then fine-tune every variant from it")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for every run, e.g. data.corpus=jsonl:/data/pg19.jsonl")
     p.add_argument("--no-progress", action="store_true", help="no progress output")
@@ -463,14 +466,54 @@ def dry_run_text(resolved: ResolvedPlan, out: Path) -> str:
     return "\n".join(lines)
 
 
+def pretrain_config(resolved: ResolvedPlan, steps: int) -> Config:
+    """The shared starting point of the fine-tuning recipe: the plan's base config without memory."""
+    data = apply_overrides(resolved.base_config, {"model.memory_layers": [], "train.steps": steps,
+                                                  "train.seed": resolved.seeds[0], "train.init_from": None})
+    return config_from_dict(data)
+
+
+def pretrain(cfg: Config, run_fn: RunFn | None = None) -> Path:
+    """Train the no-memory starting model once; a finished one (with its checkpoint) is reused.
+
+    It lives in runs/pretrain/<config hash> relative to the working directory, so every variant's config
+    names it by the same relative path and run hashes stay the same across checkouts and sittings
+    (training is deterministic on CPU, so a pretrain that was lost is retrained to the same weights)."""
+    run_dir = Path("runs") / "pretrain" / cfg.hash()
+    done = (read_json(run_dir / "status.json") or {}).get("status") == "finished"
+    if done and (run_dir / "checkpoints" / "latest.pt").exists():
+        return run_dir
+    if done:  # results kept without checkpoints: train again from scratch into a fresh directory
+        run_dir = run_dir.with_name(f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    print(f"pretrain {cfg.train.steps} steps without memory -> {run_dir}", file=sys.stderr, flush=True)
+    outcome = (run_fn or run_subprocess)(run_dir, run_commands(run_dir)[:1])
+    if outcome.returncode != 0:
+        raise ValueError(f"pretraining failed (see {run_dir}/stderr.log): {outcome.stderr_tail[-500:]}")
+    return run_dir
+
+
 def main(argv: list[str] | None = None, run_fn: RunFn | None = None) -> int:
     args = build_parser().parse_args(argv)
     plan = load_plan(args.plan)
     seeds = list(range(args.seeds)) if args.seeds is not None else None
     if seeds is not None and not seeds:
         raise ValueError("--seeds must be >= 1")
-    resolved = resolve(plan, args.preset, seeds=seeds, only=args.only, extra_overrides=cli_overrides(args))
+    if args.pretrain_steps is not None and (args.init_from is not None or args.pretrain_steps < 1):
+        raise ValueError("--pretrain-steps takes a positive number of steps and excludes --init-from")
+    extra = cli_overrides(args)
+    resolved = resolve(plan, args.preset, seeds=seeds, only=args.only, extra_overrides=extra)
     out = Path(args.out or Path("runs") / "ablations" / f"{Path(args.plan).stem}-{args.preset}")
+    if args.pretrain_steps:
+        base = pretrain_config(resolved, args.pretrain_steps)
+        if args.dry_run:
+            print(f"pretrain: {args.pretrain_steps} steps without memory -> runs/pretrain/{base.hash()}; "
+                  f"every run below starts from it")
+            extra["train.init_from"] = str(Path("runs") / "pretrain" / base.hash())
+        else:
+            extra["train.init_from"] = str(pretrain(base, run_fn))
+        resolved = resolve(plan, args.preset, seeds=seeds, only=args.only, extra_overrides=extra)
     if args.dry_run:
         print(dry_run_text(resolved, out))
         return 0
@@ -481,7 +524,8 @@ def main(argv: list[str] | None = None, run_fn: RunFn | None = None) -> int:
     meta = {"command": shlex.join(["memtrans", "ablate", *(sys.argv[2:] if argv is None else argv)]),
             "cwd": os.getcwd(), "executor": args.executor, "jobs": args.jobs,
             "budget_minutes": args.budget_minutes, "budget_tokens": args.budget_tokens,
-            "init_from": resolved.extra_overrides.get("train.init_from"), "only": args.only}
+            "init_from": resolved.extra_overrides.get("train.init_from"), "only": args.only,
+            "pretrain_steps": args.pretrain_steps}
     statuses = execute(resolved, out, executor, meta, progress=not args.no_progress)
     failed = sorted(h for h, s in statuses.items() if s == "failed")
     if not args.no_report:
