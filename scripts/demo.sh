@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec ${PYTHON:-python3} -m memtrans ablate plans/memorizing_transformers.yaml --preset demo "$@"
+exec ${PYTHON:-python3} -m memtrans ablate plans/memorizing_transformers.yaml --preset demo --jobs 2 "$@"
