@@ -197,3 +197,20 @@ def test_pretrain_steps_trains_one_no_memory_model_and_every_run_starts_from_it(
     assert again.calls == []
     with pytest.raises(ValueError, match="excludes --init-from"):
         ablate(tmp_path, FakeRun(), "--pretrain-steps", "7", "--init-from", str(pre))
+
+
+def test_ray_executor_runs_the_plan_when_ray_is_installed(tmp_path):
+    """Real Ray tasks (a local cluster) with the real subprocess contract; skipped where Ray is not installed."""
+    pytest.importorskip("ray")
+    import ray
+
+    out = tmp_path / "out"
+    try:
+        rc = runner.main([PLAN, "--preset", "ci", "--out", str(out), "--no-progress", "--executor", "ray",
+                          "--only", "Memory Ablation", "--set", "train.steps=4", "--set", "eval.max_docs=1"])
+    finally:
+        ray.shutdown()
+    assert rc == 0
+    statuses = [json.loads(p.read_text())["status"] for p in out.glob("runs/*/status.json")]
+    assert statuses == ["finished", "finished"]
+    assert (out / "REPORT.md").exists()

@@ -194,7 +194,11 @@ class RayExecutor:
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
         fn = run_fn or functools.partial(run_subprocess, threads=cpus_per_run)
-        self.remote = ray.remote(num_cpus=cpus_per_run, max_retries=0)(fn)
+
+        def task(run_dir: Path, commands: list[list[str]]) -> RunOutcome:  # ray.remote takes functions, not partials
+            return fn(run_dir, commands)
+
+        self.remote = ray.remote(num_cpus=cpus_per_run, max_retries=0)(task)
         self.pending: dict[Any, RunJob] = {}
 
     def submit(self, job: RunJob) -> None:
