@@ -214,3 +214,20 @@ def test_ray_executor_runs_the_plan_when_ray_is_installed(tmp_path):
     statuses = [json.loads(p.read_text())["status"] for p in out.glob("runs/*/status.json")]
     assert statuses == ["finished", "finished"]
     assert (out / "REPORT.md").exists()
+
+
+def test_pretrain_matches_each_variants_non_memory_settings(tmp_path, monkeypatch):
+    """A variant that changes more than the memory (qk-norm off) fine-tunes from a base pretrained like it."""
+    monkeypatch.chdir(tmp_path)
+    fake = FakeRun()
+    assert ablate(tmp_path, fake, "--only", "Key/Query Normalization", "--pretrain-steps", "5") == 0
+    pretrains = [d for d in fake.calls if d.parent == Path("runs") / "pretrain"]
+    assert len(pretrains) == 2
+    qk_of = {str(d): yaml.safe_load((d / "config.yaml").read_text())["model"]["qk_norm"] for d in pretrains}
+    assert sorted(qk_of.values()) == [False, True]
+    for run in (d for d in fake.calls if d not in pretrains):
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        assert qk_of[cfg["train"]["init_from"]] == cfg["model"]["qk_norm"]
+    for d in pretrains:  # memory settings come from the plan's base, so memory variants share one pretrain
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        assert cfg["model"]["memory_layers"] == [] and cfg["model"]["gate"] == "learned_scalar"

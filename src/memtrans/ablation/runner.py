@@ -409,8 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", metavar="RUN_OR_CKPT",
                    help="fine-tune every variant from this run dir or checkpoint (train.init_from)")
     p.add_argument("--pretrain-steps", type=int, metavar="N",
-                   help="the paper's fine-tuning recipe in one command: train one no-memory model for N steps "
-                        "(runs/pretrain/<hash>, reused when finished), then fine-tune every variant from it")
+                   help="the paper's fine-tuning recipe in one command: train a no-memory model for N steps "
+                        "(runs/pretrain/<hash>, reused when finished) and fine-tune every variant from it; "
+                        "variants that change more than the memory (e.g. qk_norm) get a pretrain of their own")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for every run, e.g. data.corpus=jsonl:/data/pg19.jsonl")
     p.add_argument("--no-progress", action="store_true", help="no progress output")
@@ -470,11 +471,31 @@ def dry_run_text(resolved: ResolvedPlan, out: Path) -> str:
     return "\n".join(lines)
 
 
-def pretrain_config(resolved: ResolvedPlan, steps: int) -> Config:
-    """The shared starting point of the fine-tuning recipe: the plan's base config without memory."""
-    data = apply_overrides(resolved.base_config, {"model.memory_layers": [], "train.steps": steps,
-                                                  "train.seed": resolved.seeds[0], "train.init_from": None})
+# Fields that only matter to a memory model: a run's pretrained starting point takes them from the plan's base,
+# so variants that differ only in memory share one pretrain, while e.g. model.qk_norm=false gets its own.
+MEMORY_FIELDS = ("memory_layers", "memory_size", "knn_k", "gate", "fixed_gate", "memory_backend", "memory_dtype",
+                 "score_dtype", "ivf_nlist", "ivf_nprobe")
+
+
+def pretrain_config(resolved: ResolvedPlan, run_config: dict, steps: int) -> Config:
+    """The starting point of one run under the fine-tuning recipe: its config without memory."""
+    base_model = config_from_dict(resolved.base_config).model
+    model = {f: getattr(base_model, f) for f in MEMORY_FIELDS} | {"memory_layers": []}
+    data = apply_overrides(run_config, {**{f"model.{k}": v for k, v in model.items()}, "train.steps": steps,
+                                        "train.seed": resolved.seeds[0], "train.init_from": None})
     return config_from_dict(data)
+
+
+def with_init_from(resolved: ResolvedPlan, init_of: dict[str, str]) -> ResolvedPlan:
+    """The same plan with train.init_from set per run (run hashes change accordingly)."""
+    remap, runs = {}, {}
+    for h, spec in resolved.runs.items():
+        cfg = apply_overrides(spec.config, {"train.init_from": init_of[h]})
+        new = config_from_dict(cfg).hash()
+        remap[h] = new
+        runs[new] = dataclasses.replace(spec, hash=new, config=cfg)
+    studies = [(s, [dataclasses.replace(v, runs=[remap[h] for h in v.runs]) for v in vs]) for s, vs in resolved.studies]
+    return dataclasses.replace(resolved, runs=runs, studies=studies)
 
 
 def pretrain(cfg: Config, run_fn: RunFn | None = None) -> Path:
@@ -510,14 +531,17 @@ def main(argv: list[str] | None = None, run_fn: RunFn | None = None) -> int:
     resolved = resolve(plan, args.preset, seeds=seeds, only=args.only, extra_overrides=extra)
     out = Path(args.out or Path("runs") / "ablations" / f"{Path(args.plan).stem}-{args.preset}")
     if args.pretrain_steps:
-        base = pretrain_config(resolved, args.pretrain_steps)
-        if args.dry_run:
-            print(f"pretrain: {args.pretrain_steps} steps without memory -> runs/pretrain/{base.hash()}; "
-                  f"every run below starts from it")
-            extra["train.init_from"] = str(Path("runs") / "pretrain" / base.hash())
-        else:
-            extra["train.init_from"] = str(pretrain(base, run_fn))
-        resolved = resolve(plan, args.preset, seeds=seeds, only=args.only, extra_overrides=extra)
+        starts = {h: pretrain_config(resolved, spec.config, args.pretrain_steps) for h, spec in resolved.runs.items()}
+        dirs: dict[str, str] = {}
+        for cfg in starts.values():
+            if cfg.hash() not in dirs:
+                if args.dry_run:
+                    dirs[cfg.hash()] = str(Path("runs") / "pretrain" / cfg.hash())
+                    print(f"pretrain: {args.pretrain_steps} steps without memory -> {dirs[cfg.hash()]}")
+                else:
+                    dirs[cfg.hash()] = str(pretrain(cfg, run_fn))
+        resolved = with_init_from(resolved, {h: dirs[cfg.hash()] for h, cfg in starts.items()})
+        extra["train.init_from"] = sorted(set(dirs.values())) if len(dirs) > 1 else next(iter(dirs.values()))
     if args.dry_run:
         print(dry_run_text(resolved, out))
         return 0
