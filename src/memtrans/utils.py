@@ -36,6 +36,14 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def read_json(path: str | Path):
+    """The parsed JSON file, or None when it is missing or not valid JSON (e.g. a run that never started)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     import torch
 

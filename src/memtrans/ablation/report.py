@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from memtrans.ablation.plan import format_seconds
-from memtrans.utils import atomic_write_text
+from memtrans.utils import atomic_write_text, read_json
 
 MIN_BUCKET_TOKENS = 1000  # a position bucket needs this many evaluated tokens in every run to be "far"
 CONFIDENCE = 0.95
@@ -157,11 +157,8 @@ class Run:
 
 
 def _read(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+    data = read_json(path)
+    return data if isinstance(data, dict) else {}
 
 
 def load_runs(out: Path, record: dict) -> dict[str, Run]:

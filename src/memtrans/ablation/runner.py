@@ -27,7 +27,7 @@ from typing import Any, Callable, Protocol
 from memtrans.ablation.plan import (BASELINE, ResolvedPlan, RunSpec, estimate_cost, format_seconds, load_plan,
                                     resolve)
 from memtrans.config import Config, apply_overrides, config_from_dict, parse_override, save_config
-from memtrans.utils import atomic_write_json, atomic_write_text
+from memtrans.utils import atomic_write_json, atomic_write_text, read_json
 
 DONE_STATUSES = ("finished", "diverged")
 ERROR_TAIL_CHARS = 4000
@@ -73,13 +73,6 @@ def run_subprocess(run_dir: Path, commands: list[list[str]], threads: int | None
 
 
 # ----------------------------------------------------------------------------------- run state
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
 
 def is_done(run_dir: Path) -> bool:
     """Finished (or diverged, which is a result too) and evaluated: nothing left to do."""

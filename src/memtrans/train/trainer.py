@@ -25,7 +25,7 @@ from memtrans.train.checkpoint import (CHECKPOINT_VERSION, checkpoint_path, load
                                        model_weights, resolve_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from memtrans.train.optim import build_optimizer, build_scheduler
 from memtrans.train.stability import StabilityTracker
-from memtrans.utils import atomic_write_json
+from memtrans.utils import atomic_write_json, read_json
 
 TERMINAL = ("finished", "diverged")
 # Config keys that may change between an interrupted run and its resumption (length, budgets, logging,
@@ -80,13 +80,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def config_differences(a: dict, b: dict) -> list[str]:
     fa, fb = _flatten(a), _flatten(b)
     return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def truncate_metrics(path: Path, step: int) -> None:
