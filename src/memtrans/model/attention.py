@@ -15,11 +15,44 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from memtrans.config import ModelConfig
-from memtrans.memory import MemoryBackend
+from memtrans.memory import MemoryBackend, SearchResult
 from memtrans.model.layers import RelativePositionBias
 
 # log2-spaced bins for "how far back does retrieval reach": [0,1), [1,2), [2,4), ..., [2^24, inf)
 DISTANCE_EDGES = torch.tensor([0] + [2 ** i for i in range(25)])
+
+
+class _ReusedScores(torch.autograd.Function):
+    """The retrieval's raw scores q.k as a differentiable function of q.
+
+    forward(q, scores, keys, valid) -> scores (0 where invalid, so a later scale multiply stays finite);
+    backward: d/dq = sum_k grad_k * key_k over valid entries (the gradient of q.k), nothing to the others.
+    """
+
+    @staticmethod
+    def forward(ctx, q, scores, keys, valid):
+        ctx.save_for_backward(keys, valid)
+        ctx.q_dtype = q.dtype
+        return scores.masked_fill(~valid, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        keys, valid = ctx.saved_tensors
+        grad = grad.masked_fill(~valid, 0.0).to(keys.dtype)
+        return torch.einsum("bhtk,bhtkd->bhtd", grad, keys).to(ctx.q_dtype), None, None, None
+
+
+def memory_logits_recompute(q_scaled: torch.Tensor, found: SearchResult) -> torch.Tensor:
+    """Logits [B, H, T, k] of the retrieved keys, recomputed with autograd from the scaled queries (reference)."""
+    return torch.einsum("bhtd,bhtkd->bhtk", q_scaled, found.keys.to(q_scaled.dtype))
+
+
+def memory_logits_reuse(q: torch.Tensor, scale, found: SearchResult) -> torch.Tensor:
+    """The same logits (float32) from the retrieval's scores: found.scores * scale, with the gradient of
+    (q * scale) . key to q and to the scale. q is the unscaled query the memory was searched with; scale is
+    a float or a tensor broadcasting against [B, H, T, k]. Invalid entries give logit 0 and no gradient."""
+    s = _ReusedScores.apply(q, found.scores, found.keys.to(q.dtype), found.valid)
+    return s * scale
 
 
 def masked_softmax(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -30,6 +63,10 @@ def masked_softmax(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
+    # Reuse the retrieval's scores as the memory logits when they are fp32 inner products (see _with_memory);
+    # False always recomputes them (the reference path the tests compare against).
+    reuse_scores = True
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         H, D = cfg.heads, cfg.head_dim
@@ -91,9 +128,16 @@ class Attention(nn.Module):
 
     def _with_memory(self, x, q, q_scaled, keys, values, bias, memory, positions, diagnostics):
         found = memory.search(q, self.knn_k)  # ranks by raw q.k; a positive per-head scale keeps the order
-        mem_keys, mem_values = found.keys.to(q.dtype), found.values.to(values.dtype)
-        # Recompute the retrieved logits with autograd so gradients reach q (and the scale); none reach memory.
-        mem_logits = torch.einsum("bhtd,bhtkd->bhtk", q_scaled, mem_keys)
+        mem_values = found.values.to(values.dtype)
+        # Gradients reach q (and the scale) through the retrieved logits; none reach the memory. With fp32
+        # scores the retrieval already computed q.k for exactly these keys (every engine scores the ring's
+        # keys as stored, faiss IVF included), so they are reused; with bf16/fp16 scores (ExactMemory's
+        # score_dtype) they are rounded, so the logits are recomputed from q and the retrieved keys.
+        if self.reuse_scores and memory.score_dtype == torch.float32:
+            scale = self.log_scale.exp()[:, None, None] if self.qk_norm else 1 / math.sqrt(self.head_dim)
+            mem_logits = memory_logits_reuse(q, scale, found)
+        else:
+            mem_logits = memory_logits_recompute(q_scaled, found)
         if self.gate == "joint_softmax":  # one softmax over local and retrieved keys
             local_logits = torch.matmul(q_scaled, keys.transpose(-1, -2)).float() + bias
             valid = torch.cat([torch.isfinite(bias).expand_as(local_logits), found.valid], -1)
