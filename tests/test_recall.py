@@ -90,3 +90,40 @@ def test_recall_pieces_drop_unanswerable_tags(tmp_path):
             toks, tags = split.tokens(i), split.tags(i)
             for p in np.nonzero(tags >= 0)[0]:
                 assert p + 1 - tags[p] >= 0 and toks[p + 1] == toks[p + 1 - tags[p]]
+
+
+FUSED = dict(recall_layout="fused", recall_docs=4, recall_doc_len=400, recall_pairs=6, recall_key_len=1,
+             recall_value_len=1, recall_min_distance=150)
+
+
+def test_fused_layout_tags_point_at_binding_tokens():
+    from memtrans.data.recall import FUSED_KEYS, fused_binding_token
+    cfg = DataConfig(**FUSED)
+    for i in range(3):
+        text, tags = generate_recall_document(cfg, i)
+        b = text.encode("utf-8")
+        assert len(b) == len(tags) == cfg.recall_doc_len
+        pos = np.nonzero(tags >= 0)[0]
+        assert len(pos) == cfg.recall_pairs
+        seen_keys = set()
+        for p in pos:
+            key, value = chr(b[p]), chr(b[p + 1])  # the query: key letter, then its value digit (the target)
+            assert key in FUSED_KEYS and value.isdigit()
+            d = int(tags[p])
+            assert d >= cfg.recall_min_distance
+            # the token d back from the target is the binding of exactly this key and value, after 0xC3
+            assert b[p + 1 - d] == fused_binding_token(FUSED_KEYS.index(key), int(value)) and b[p - d] == 0xC3
+            seen_keys.add(key)
+        assert len(seen_keys) == cfg.recall_pairs  # every key is queried once
+        # no other byte in the document is a binding token or a key letter
+        others = np.delete(np.frombuffer(b, np.uint8), np.concatenate([pos, pos + 1, pos + 1 - tags[pos], pos - tags[pos]]))
+        assert set(others.tolist()) <= set(range(ord("a"), ord("z") + 1)) | {ord(" ")}
+
+
+def test_fused_layout_rejects_what_it_cannot_express():
+    with pytest.raises(ValueError, match="recall_layout=fused needs"):
+        generate_recall_document(DataConfig(**{**FUSED, "recall_pairs": 7}), 0)
+    with pytest.raises(ValueError, match="recall_layout=fused needs"):
+        generate_recall_document(DataConfig(**{**FUSED, "recall_value_len": 2}), 0)
+    with pytest.raises(ValueError, match="recall_layout"):
+        generate_recall_document(DataConfig(**{**FUSED, "recall_layout": "bytes"}), 0)

@@ -139,6 +139,7 @@ class DataConfig:
     recall_value_len: int = 4
     recall_min_distance: int = 2048
     recall_seed: int = 0  # the recall documents depend on this (not on the training seed)
+    recall_layout: str = "text"  # text: "key K = V ." ... "K ? V ."; fused: one token per binding (memtrans.data.recall)
 
 
 @dataclass

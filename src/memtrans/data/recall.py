@@ -16,9 +16,22 @@ Format of one document (ASCII only, so with the byte tokenizer token i is charac
   Transformer-XL window of two segments, so only a long-range memory can answer).
   Gaps are random, so distances spread from `recall_min_distance` to about `recall_doc_len`.
 
+Layout `fused` (`DataConfig.recall_layout`): each binding is ONE token, the byte that identifies the
+(key, value) pair, and a query is the key letter followed by its value digit:
+
+    <filler> Ã <filler> Ð <filler> ... <long filler> ... C7 <filler> A3 <filler>
+
+The binding character is chr(0xC0 + 10 * key + value), two UTF-8 bytes 0xC3 and 0x80 + 10 * key + value;
+the second byte is the binding token. Keys are the letters A-F (so `recall_pairs <= 6`, key and value
+length 1). Looking a value up then needs one attention layer (query "key letter" -> binding token ->
+its value), not the two-layer circuit of the text layout, where the key must first be copied next to
+the value; tiny models on a CPU budget learn the former in seconds and the latter not at all (measured:
+see tests/test_recall_proof.py). Lengths (`recall_doc_len`, distances) count bytes = tokens.
+
 Scoring (`tags`): `tags[p] = d > 0` at a position p whose TARGET (token p+1) is a value character of a
-query, where `d` is the distance in tokens from that target back to the same character of the
-binding (`tokens[p + 1] == tokens[p + 1 - d]`); -1 everywhere else. Only these positions count for the
+query, where `d` is the distance in tokens from that target back to its binding: to the same character
+of the bound value (`tokens[p + 1] == tokens[p + 1 - d]`) in the text layout, to the binding token in
+the fused layout; -1 everywhere else. Only these positions count for the
 recall accuracy; the language-model loss still covers the whole document.
 
 Documents are deterministic functions of (DataConfig.recall_seed, document index) and the DataConfig recall_* fields.
@@ -32,11 +45,19 @@ from memtrans.data.corpus import Document
 
 VALUE_ALPHABET = "0123456789"
 KEY_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+LAYOUTS = ("text", "fused")
+FUSED_KEYS = "ABCDEF"  # 6 keys x 10 values = 60 binding characters U+00C0..U+00FB
+
+
+def fused_binding_token(key: int, value: int) -> int:
+    """The byte token that carries a fused binding (the 2nd UTF-8 byte of chr(0xC0 + 10 * key + value))."""
+    return 0x80 + 10 * key + value
 
 
 def recall_info(cfg: DataConfig, seed: int | None = None) -> dict:
     """Description of the task: chance level of a value character, layout parameters."""
-    return {"chance": 1.0 / len(VALUE_ALPHABET), "value_alphabet": VALUE_ALPHABET, "pairs": cfg.recall_pairs,
+    return {"chance": 1.0 / len(VALUE_ALPHABET), "value_alphabet": VALUE_ALPHABET, "layout": cfg.recall_layout,
+            "pairs": cfg.recall_pairs,
             "key_len": cfg.recall_key_len, "value_len": cfg.recall_value_len, "doc_len": cfg.recall_doc_len,
             "min_distance": cfg.recall_min_distance, "docs": cfg.recall_docs,
             "seed": _recall_seed(cfg, seed)}
@@ -54,11 +75,20 @@ def _check(cfg: DataConfig) -> tuple[int, int]:
             raise ValueError(f"data.{name} must be positive, got {getattr(cfg, name)}")
     if cfg.recall_min_distance < 0:
         raise ValueError(f"data.recall_min_distance must be >= 0, got {cfg.recall_min_distance}")
-    if len(KEY_ALPHABET) ** cfg.recall_key_len < cfg.recall_pairs:
-        raise ValueError(f"data.recall_key_len={cfg.recall_key_len} allows fewer distinct keys than "
-                         f"recall_pairs={cfg.recall_pairs}")
-    lb = len("key ") + cfg.recall_key_len + len(" = ") + cfg.recall_value_len + len(" . ")
-    lq = cfg.recall_key_len + len(" ? ") + cfg.recall_value_len + len(" . ")
+    if cfg.recall_layout not in LAYOUTS:
+        raise ValueError(f"data.recall_layout: {cfg.recall_layout!r} is not allowed; choose one of {', '.join(LAYOUTS)}")
+    if cfg.recall_layout == "fused":
+        if cfg.recall_key_len != 1 or cfg.recall_value_len != 1 or cfg.recall_pairs > len(FUSED_KEYS):
+            raise ValueError(f"data.recall_layout=fused needs recall_key_len=1, recall_value_len=1 and "
+                             f"recall_pairs <= {len(FUSED_KEYS)} (got {cfg.recall_key_len}, {cfg.recall_value_len}, "
+                             f"{cfg.recall_pairs}); set them or use recall_layout=text")
+        lb, lq = 2, 2  # bytes of the binding character, of "K" + "v"; no gaps between pairs
+    else:
+        if len(KEY_ALPHABET) ** cfg.recall_key_len < cfg.recall_pairs:
+            raise ValueError(f"data.recall_key_len={cfg.recall_key_len} allows fewer distinct keys than "
+                             f"recall_pairs={cfg.recall_pairs}")
+        lb = len("key ") + cfg.recall_key_len + len(" = ") + cfg.recall_value_len + len(" . ")
+        lq = cfg.recall_key_len + len(" ? ") + cfg.recall_value_len + len(" . ")
     need = cfg.recall_pairs * (lb + lq + 2) + cfg.recall_min_distance + 2
     if cfg.recall_doc_len < need:
         raise ValueError(f"data.recall_doc_len={cfg.recall_doc_len} is too short for recall_pairs={cfg.recall_pairs} "
@@ -76,10 +106,13 @@ def _filler(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def generate_recall_document(cfg: DataConfig, index: int, seed: int | None = None) -> tuple[str, np.ndarray]:
-    """Document `index`: (text, tags) with tags int32 [len(text)] as described in the module docstring."""
+    """Document `index`: (text, tags) with tags int32, one per UTF-8 byte (= token) of text, as described in
+    the module docstring (in the text layout bytes and characters coincide)."""
     lb, lq = _check(cfg)
     rng = np.random.default_rng([_recall_seed(cfg, seed), 7919, index])
     P, K, V, N = cfg.recall_pairs, cfg.recall_key_len, cfg.recall_value_len, cfg.recall_doc_len
+    if cfg.recall_layout == "fused":
+        return _fused_document(cfg, rng)
     keys: list[str] = []
     seen: set[str] = set()
     while len(keys) < P:
@@ -89,12 +122,7 @@ def generate_recall_document(cfg: DataConfig, index: int, seed: int | None = Non
             keys.append(k)
     values = ["".join(VALUE_ALPHABET[i] for i in rng.integers(0, 10, size=V)) for _ in range(P)]
     order = rng.permutation(P)
-    # Gaps: P before bindings, 1 middle (>= min distance), P before queries, 1 tail; each >= 1.
-    slack = N - P * (lb + lq) - cfg.recall_min_distance - (2 * P + 2)
-    cuts = np.sort(rng.integers(0, slack + 1, size=2 * P + 1))
-    shares = np.diff(np.concatenate([[0], cuts, [slack]]))
-    gaps = shares + 1
-    gaps[P] += cfg.recall_min_distance
+    gaps = _gaps(cfg, rng, lb, lq)
     buf = np.empty(N, dtype=np.uint8)
     tags = np.full(N, -1, dtype=np.int32)
     pos = 0
@@ -126,6 +154,36 @@ def generate_recall_document(cfg: DataConfig, index: int, seed: int | None = Non
     gap(N - pos)
     assert pos == N
     return buf.tobytes().decode("ascii"), tags
+
+
+def _gaps(cfg: DataConfig, rng: np.random.Generator, lb: int, lq: int) -> np.ndarray:
+    """Filler lengths: P before bindings, 1 middle (>= min distance), P before queries, 1 tail; each >= 1."""
+    P, N = cfg.recall_pairs, cfg.recall_doc_len
+    slack = N - P * (lb + lq) - cfg.recall_min_distance - (2 * P + 2)
+    cuts = np.sort(rng.integers(0, slack + 1, size=2 * P + 1))
+    gaps = np.diff(np.concatenate([[0], cuts, [slack]])) + 1
+    gaps[P] += cfg.recall_min_distance
+    return gaps
+
+
+def _fused_document(cfg: DataConfig, rng: np.random.Generator) -> tuple[str, np.ndarray]:
+    """Filler, the P binding tokens in a row, filler (>= min distance), the P queries in a row, filler."""
+    P, N = cfg.recall_pairs, cfg.recall_doc_len
+    keys = rng.permutation(len(FUSED_KEYS))[:P]
+    values = rng.integers(0, len(VALUE_ALPHABET), size=P)
+    order = rng.permutation(P)
+    g0, g1, _ = np.diff(np.concatenate([[0], np.sort(rng.integers(0, N - 4 * P - cfg.recall_min_distance + 1, size=2)),
+                                        [N - 4 * P - cfg.recall_min_distance]]))
+    g1 += cfg.recall_min_distance
+    bindings = np.stack([np.full(P, 0xC3), [fused_binding_token(int(k), int(v)) for k, v in zip(keys, values)]], 1)
+    queries = np.stack([[ord(FUSED_KEYS[k]) for k in keys[order]], [ord(VALUE_ALPHABET[v]) for v in values[order]]], 1)
+    buf = np.concatenate([_filler(rng, g0), bindings.reshape(-1), _filler(rng, g1), queries.reshape(-1)])
+    buf = np.concatenate([buf, _filler(rng, N - len(buf))]).astype(np.uint8)
+    tags = np.full(N, -1, dtype=np.int32)
+    q0, b0 = g0 + 2 * P + g1, g0
+    for i, j in enumerate(order):  # at the key letter of query i; its target (the value digit) is bound at b0 + 2j + 1
+        tags[q0 + 2 * i] = (q0 + 2 * i + 1) - (b0 + 2 * j + 1)
+    return buf.tobytes().decode("utf-8"), tags
 
 
 def generate_recall_corpus(cfg: DataConfig, seed: int | None = None) -> list[Document]:
