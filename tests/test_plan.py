@@ -35,7 +35,7 @@ def test_real_plan_has_the_five_studies():
     assert "training stability" in plan.studies[3].metrics
     assert plan.base["model.gate"] == "learned_scalar" and plan.base["model.qk_norm"] is True
     assert plan.base["model.memory_layers"] == "near_top" and plan.base["model.knn_k"] == 32
-    assert set(plan.presets) == {"ci", "demo", "small", "paper"}
+    assert set(plan.presets) == {"ci", "demo", "small", "recall", "paper"}
 
 
 @pytest.mark.parametrize("preset", ["ci", "demo", "small", "paper"])

@@ -231,3 +231,21 @@ def test_pretrain_matches_each_variants_non_memory_settings(tmp_path, monkeypatc
     for d in pretrains:  # memory settings come from the plan's base, so memory variants share one pretrain
         cfg = yaml.safe_load((d / "config.yaml").read_text())
         assert cfg["model"]["memory_layers"] == [] and cfg["model"]["gate"] == "learned_scalar"
+
+
+def test_preset_pretrain_overrides_reach_the_pretrain_only(tmp_path, monkeypatch):
+    """The recall preset pretrains on short documents and fine-tunes every variant on long ones."""
+    monkeypatch.chdir(tmp_path)
+    fake = FakeRun()
+    assert runner.main([PLAN, "--preset", "recall", "--out", str(tmp_path / "out"), "--no-progress",
+                        "--only", "Memory Ablation", "--seeds", "1", "--pretrain-steps", "3"], run_fn=fake) == 0
+    pre, *runs = fake.calls
+    pre_cfg = yaml.safe_load((pre / "config.yaml").read_text())
+    assert pre_cfg["data"]["recall_doc_len"] == 64 and pre_cfg["data"]["recall_docs"] == 3000
+    assert pre_cfg["model"]["memory_layers"] == [] and pre_cfg["train"]["steps"] == 3
+    assert len(runs) == 2
+    for run in runs:
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        assert cfg["data"]["recall_doc_len"] == 256 and cfg["train"]["init_from"] == str(pre)
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert plan["preset"]["pretrain_overrides"]["data.recall_doc_len"] == 64

@@ -8,7 +8,7 @@ A plan file (see plans/memorizing_transformers.yaml) holds:
     seeds:    3 | [0, 1, 2]
     studies:  - name, ablated, action: REMOVE, overrides: {...}, [variant: label], [metrics]
               - name, ablated, action: REPLACE, replacements: [{name, overrides}], [metrics]
-    presets:  {name: {description, overrides, memory_size_scale, seeds, est_flops_per_s}}
+    presets:  {name: {description, overrides, memory_size_scale, seeds, est_flops_per_s, pretrain_overrides}}
 
 A preset scales the plan to a budget without changing its meaning: its overrides apply on top of
 `base`, and every `model.memory_size` (the plan's values are nominal, i.e. the paper's) is multiplied
@@ -34,7 +34,7 @@ METRICS = ("perplexity", "bits per byte", "accuracy", "far-position perplexity",
 PLAN_KEYS = ("name", "description", "source", "base", "metrics", "seeds", "studies", "presets")
 STUDY_KEYS = ("name", "ablated", "action", "overrides", "variant", "replacements", "metrics")
 REPLACEMENT_KEYS = ("name", "overrides")
-PRESET_KEYS = ("description", "overrides", "memory_size_scale", "seeds", "est_flops_per_s")
+PRESET_KEYS = ("description", "overrides", "memory_size_scale", "seeds", "est_flops_per_s", "pretrain_overrides")
 BASELINE = "baseline"
 DEFAULT_FLOPS_PER_S = 1e11  # dry-run time estimate only; a preset states its own
 TOPK_FLOP_EQUIV = 100  # top-k selection cost per retrieval score, in flop-equivalents
@@ -72,6 +72,9 @@ class Preset:
     memory_size_scale: Fraction = Fraction(1)
     seeds: list[int] | None = None
     est_flops_per_s: float = DEFAULT_FLOPS_PER_S
+    # applied only to the no-memory pretrain of `ablate --pretrain-steps` (e.g. shorter documents, so the
+    # pretrain learns a lookup locally that the memory variants then extend)
+    pretrain_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -231,6 +234,7 @@ def load_plan(path: str | Path) -> Plan:
             memory_size_scale=r.scale(p.get("memory_size_scale", 1), f"{where}.memory_size_scale"),
             seeds=r.seeds(p["seeds"], f"{where}.seeds") if "seeds" in p else None,
             est_flops_per_s=float(p.get("est_flops_per_s", DEFAULT_FLOPS_PER_S)),
+            pretrain_overrides=r.overrides(p.get("pretrain_overrides"), f"{where}.pretrain_overrides"),
         )
     # Values: every variant on the plain base must build (a preset's own problems surface in resolve()).
     _build(plan.path, "base", _nest(plan.base))
@@ -332,7 +336,8 @@ class ResolvedPlan:
             "preset": {"name": self.preset.name, "description": self.preset.description,
                        "overrides": self.preset.overrides,
                        "memory_size_scale": str(self.preset.memory_size_scale),
-                       "est_flops_per_s": self.preset.est_flops_per_s},
+                       "est_flops_per_s": self.preset.est_flops_per_s,
+                       "pretrain_overrides": self.preset.pretrain_overrides},
             "seeds": self.seeds,
             "extra_overrides": self.extra_overrides,
             "base_config": self.base_config,

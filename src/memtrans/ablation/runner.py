@@ -471,11 +471,13 @@ MEMORY_FIELDS = ("memory_layers", "memory_size", "knn_k", "gate", "fixed_gate", 
 
 
 def pretrain_config(resolved: ResolvedPlan, run_config: dict, steps: int) -> Config:
-    """The starting point of one run under the fine-tuning recipe: its config without memory."""
+    """The starting point of one run under the fine-tuning recipe: its config without memory, plus the
+    preset's pretrain_overrides."""
     base_model = config_from_dict(resolved.base_config).model
     model = {f: getattr(base_model, f) for f in MEMORY_FIELDS} | {"memory_layers": []}
     data = apply_overrides(run_config, {**{f"model.{k}": v for k, v in model.items()}, "train.steps": steps,
-                                        "train.seed": resolved.seeds[0], "train.init_from": None})
+                                        "train.seed": resolved.seeds[0], "train.init_from": None,
+                                        **resolved.preset.pretrain_overrides})
     return config_from_dict(data)
 
 
