@@ -149,3 +149,15 @@ def test_plots_exist_are_pngs_and_are_embedded(out):
 def test_report_without_plan_record_says_so(tmp_path):
     with pytest.raises(ValueError, match="no plan.json"):
         report.write_report(tmp_path)
+
+
+def test_paired_interval_uses_per_seed_differences():
+    from memtrans.ablation.report import describe, paired, welch
+    variant = [(0, 1.0), (1, 2.0), (2, 3.0), (7, 9.0)]  # seed 7 has no baseline partner: ignored
+    base = [(0, 0.5), (1, 1.6), (2, 2.4), (3, 100.0)]
+    d = paired(variant, base)
+    assert d.diff == pytest.approx(0.5) and d.resolved and d.lo > 0.2 and d.hi < 0.8
+    # the same numbers unpaired: the spread between seeds hides the shift
+    w = welch(describe([1.0, 2.0, 3.0]), describe([0.5, 1.6, 2.4]))
+    assert not w.resolved and w.diff == pytest.approx(0.5)
+    assert paired([(0, 1.0), (1, None)], [(0, 0.0), (1, 0.0)]) is None  # one usable pair only

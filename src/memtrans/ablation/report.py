@@ -2,7 +2,9 @@
 
 Reads files only (plan.json, runs/<hash>/{status,summary,eval}.json, metrics.jsonl); never the model.
 Intervals: 95% t-intervals over seeds; differences against the baseline use Welch's interval and are
-called resolved only when the interval excludes zero.
+called resolved only when the interval excludes zero. A second, paired table takes the difference per seed
+(a variant and the baseline of one seed share the data order and, under --pretrain-steps, the starting
+weights) and gives the t-interval of those differences: the sharper test when seeds pair up.
 """
 from __future__ import annotations
 
@@ -116,6 +118,16 @@ def welch(variant: Stat | None, base: Stat | None) -> Diff | None:
     df = se2 ** 2 / (va ** 2 / (variant.n - 1) + vb ** 2 / (base.n - 1))
     half = t_quantile(0.5 + CONFIDENCE / 2, df) * math.sqrt(se2)
     return Diff(d, d - half, d + half)
+
+
+def paired(variant: list[tuple[int, float | None]], base: list[tuple[int, float | None]]) -> Diff | None:
+    """t-interval of the per-seed differences variant - baseline over seeds present (and finite) in both;
+    None with fewer than 2 pairs."""
+    b = {seed: x for seed, x in base if x is not None and math.isfinite(x)}
+    d = describe([x - b[seed] for seed, x in variant if x is not None and math.isfinite(x) and seed in b])
+    if d is None or d.n < 2:
+        return None
+    return Diff(d.mean, d.lo, d.hi)
 
 
 # ------------------------------------------------------------------------------------ run data
@@ -233,6 +245,12 @@ def stat_cell(s: Stat | None) -> str:
     if s.n == 1:
         return f"{num(s.mean)} (1 seed)"
     return f"{num(s.mean)} ± {num(s.std)} [{num(s.lo)}, {num(s.hi)}]"
+
+
+def _paired_cell(d: Diff | None) -> str:
+    if d is None:
+        return "fewer than 2 seed pairs"
+    return f"{signed(d.diff)} [{num(d.lo)}, {num(d.hi)}]" + (" **\\***" if d.resolved else "")
 
 
 def diff_cell(d: Diff | None, v: Stat | None, b: Stat | None) -> str:
@@ -388,9 +406,24 @@ def study_section(study: dict, variants: list[VariantData], bucket: str | None, 
             row += [diff_cell(welch(v.stability[k], base.stability[k]), v.stability[k], base.stability[k])
                     for k in ("loss_spikes", "grad_spikes")]
         rows.append(row)
+    header = (["variant", "Δ perplexity", "Δ bits per byte", "Δ accuracy", f"Δ {far}", "Δ recall accuracy"]
+              + (["Δ loss spikes", "Δ grad spikes"] if stab else []))
     lines += ["### Change against baseline (variant - baseline, Welch 95% interval; **\\*** = excludes zero)", ""]
-    lines += _table(["variant", "Δ perplexity", "Δ bits per byte", "Δ accuracy", f"Δ {far}", "Δ recall accuracy"]
-                    + (["Δ loss spikes", "Δ grad spikes"] if stab else []), rows) + [""]
+    lines += _table(header, rows) + [""]
+    rows = []
+    for v in variants[1:]:
+        row = [v.name]
+        for _, _, get, _ in QUALITY:
+            row.append(_paired_cell(paired([(r.seed, get(r, bucket)) for r in v.runs if r.ok],
+                                           [(r.seed, get(r, bucket)) for r in base.runs if r.ok])))
+        if stab:
+            for key, _, get in STABILITY[:2]:
+                row.append(_paired_cell(paired([(r.seed, get(r)) for r in v.runs if r.trained],
+                                               [(r.seed, get(r)) for r in base.runs if r.trained])))
+        rows.append(row)
+    lines += ["### Paired change against baseline (per-seed variant - baseline, 95% t-interval over seeds; "
+              "**\\*** = excludes zero)", ""]
+    lines += _table(header, rows) + [""]
     failed = [(v.label, r) for v in variants for r in v.runs if r.status == "failed"]
     if failed:
         lines += ["Failed runs:", ""] + [f"- {label}, seed {r.seed} (`runs/{r.hash}`): {r.error}"
