@@ -2,7 +2,7 @@
 import pytest
 import yaml
 
-from memtrans.config import Config, ModelConfig, load_config, memory_layer_indices
+from memtrans.config import Config, ModelConfig, config_from_dict, load_config, memory_layer_indices
 
 
 @pytest.mark.parametrize("kwargs, pattern", [
@@ -72,3 +72,35 @@ def test_round_trip_through_dict():
     cfg = load_config(None, ["model.memory_layers=multiple", "model.gate=concat"])
     assert config_from_dict(cfg.to_dict()) == cfg
     assert isinstance(Config().hash(), str) and len(Config().hash()) == 12
+
+
+# Every config field that existed when the first results were published (2026-11-28). A field added since
+# must go into HASH_NEW_FIELDS, or every finished run would get a new hash and be re-run.
+FIELDS_OF_PUBLISHED_RESULTS = [
+    'data.batch_size', 'data.bpe_vocab_size', 'data.cache_dir', 'data.corpus', 'data.max_doc_tokens',
+    'data.min_doc_tokens', 'data.recall_doc_len', 'data.recall_docs', 'data.recall_key_len',
+    'data.recall_min_distance', 'data.recall_pairs', 'data.recall_seed', 'data.recall_value_len',
+    'data.test_fraction', 'data.text_field', 'data.tokenizer', 'data.val_fraction', 'eval.batch_size',
+    'eval.max_docs', 'eval.max_tokens_per_doc', 'eval.position_buckets', 'eval.split', 'model.depth',
+    'model.dim', 'model.dropout', 'model.ffn_dim', 'model.fixed_gate', 'model.gate', 'model.head_dim',
+    'model.heads', 'model.ivf_nlist', 'model.ivf_nprobe', 'model.knn_k', 'model.memory_backend',
+    'model.memory_dtype', 'model.memory_layers', 'model.memory_size', 'model.qk_norm',
+    'model.rel_pos_buckets', 'model.rel_pos_max_distance', 'model.score_dtype', 'model.segment_len',
+    'model.vocab_size', 'model.xl_cache', 'optim.betas', 'optim.grad_clip', 'optim.lr',
+    'optim.min_lr_ratio', 'optim.optimizer', 'optim.schedule', 'optim.warmup_steps', 'optim.weight_decay',
+    'train.budget_minutes', 'train.budget_tokens', 'train.checkpoint_every', 'train.compile',
+    'train.device', 'train.divergence_factor', 'train.init_from', 'train.log_every', 'train.precision',
+    'train.seed', 'train.spike_factor', 'train.spike_window', 'train.steps', 'train.tagged_loss_weight',
+    'train.tensorboard', 'train.threads',
+]
+
+
+def test_new_fields_at_default_keep_run_hashes():
+    from memtrans.config import HASH_NEW_FIELDS
+    cfg = Config()
+    fields = {f"{s}.{k}" for s, v in cfg.to_dict().items() for k in v}
+    added = fields - set(FIELDS_OF_PUBLISHED_RESULTS)
+    assert added <= set(HASH_NEW_FIELDS), f"new config fields {sorted(added - set(HASH_NEW_FIELDS))}: add them to HASH_NEW_FIELDS"
+    assert cfg.hash() == "6d1ed7772c47"  # the default config's hash before recall_layout existed
+    fused = config_from_dict({"data": {"recall_layout": "fused"}})
+    assert fused.hash() != cfg.hash()  # a new field that is set still changes the hash

@@ -197,9 +197,21 @@ class Config:
         return to_plain(dataclasses.asdict(self))
 
     def hash(self) -> str:
-        """Content hash of the resolved config (12 hex digits); names run directories."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        """Content hash of the resolved config (12 hex digits); names run directories.
+
+        Fields added after results were published (HASH_NEW_FIELDS) are left out while they hold their
+        default, so adding a field does not rename, and so re-run, every finished run."""
+        d = self.to_dict()
+        for dotted, default in HASH_NEW_FIELDS.items():
+            section, key = dotted.split(".")
+            if d[section].get(key) == default:
+                del d[section][key]
+        blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# field -> its default; see Config.hash. Append here when adding a field to any config section.
+HASH_NEW_FIELDS = {"data.recall_layout": "text"}
 
 
 def to_plain(obj: Any) -> Any:
