@@ -132,7 +132,7 @@ def test_invalid_plans_name_file_path_and_allowed(tmp_path, case, mutate, where,
 
 def test_unknown_preset_lists_presets():
     with pytest.raises(PlanError, match=r"memorizing_transformers.yaml: presets: unknown preset 'huge'; "
-                                        r"allowed: ci, demo, small, paper"):
+                                        r"allowed: ci, demo, small, recall, paper"):
         resolve(load_plan(PLAN), "huge")
 
 

@@ -115,14 +115,19 @@ class Attention(nn.Module):
             keys, values, key_valid = k, v, torch.ones(B, T, dtype=torch.bool, device=x.device)
         L = keys.shape[2]
         causal = torch.ones(T, L, dtype=torch.bool, device=x.device).tril(L - T)
-        allowed = causal[None, None] & key_valid[:, None, None, :]  # [B, 1, T, L]
-        bias = self.rel_bias(T, L)[None].masked_fill(~allowed, float("-inf"))  # [B, H, T, L]
+        # Additive mask in q's dtype: T5 bias, -inf where not allowed. [1, H, T, L] while every key is valid
+        # (almost every segment): a per-slot [B, H, T, L] copy costs as much as the attention itself on CPU.
+        if bool(key_valid.all()):
+            bias = self.rel_bias(T, L).to(q.dtype).masked_fill(~causal, float("-inf"))[None]
+        else:
+            allowed = causal[None, None] & key_valid[:, None, None, :]  # [B, 1, T, L]
+            bias = self.rel_bias(T, L).to(q.dtype)[None].masked_fill(~allowed, float("-inf"))
 
         if self.use_memory:
             out = self._with_memory(x, q, q_scaled, keys, values, bias, memory, positions, diagnostics)
             memory.add(k.detach(), v.detach(), positions)  # written only after this segment's retrieval
         else:
-            out = F.scaled_dot_product_attention(q_scaled, keys, values, attn_mask=bias.to(q.dtype), scale=1.0)
+            out = F.scaled_dot_product_attention(q_scaled, keys, values, attn_mask=bias, scale=1.0)
         out = self.proj(rearrange(out, "b h t d -> b t (h d)"))
         return out, (k.detach(), v.detach())
 
@@ -139,14 +144,14 @@ class Attention(nn.Module):
         else:
             mem_logits = memory_logits_recompute(q_scaled, found)
         if self.gate == "joint_softmax":  # one softmax over local and retrieved keys
-            local_logits = torch.matmul(q_scaled, keys.transpose(-1, -2)).float() + bias
+            local_logits = torch.matmul(q_scaled, keys.transpose(-1, -2)).float() + bias.float()
             valid = torch.cat([torch.isfinite(bias).expand_as(local_logits), found.valid], -1)
             p = masked_softmax(torch.cat([local_logits, mem_logits.float()], -1), valid)
             L = keys.shape[2]
             local_term = torch.matmul(p[..., :L].to(values.dtype), values)
             mem_term = torch.einsum("bhtk,bhtkd->bhtd", p[..., L:].to(mem_values.dtype), mem_values)
         else:
-            local = F.scaled_dot_product_attention(q_scaled, keys, values, attn_mask=bias.to(q.dtype), scale=1.0)
+            local = F.scaled_dot_product_attention(q_scaled, keys, values, attn_mask=bias, scale=1.0)
             p = masked_softmax(mem_logits, found.valid)
             mem = torch.einsum("bhtk,bhtkd->bhtd", p.to(mem_values.dtype), mem_values)
             mem_term, local_term = self._gate(x, mem, local)
