@@ -483,9 +483,10 @@ def reproduction(record: dict) -> list[str]:
              + ", ".join(f"{a} -> {b}" for a, b in sizes) + ")",
              f"- Seeds: {', '.join(map(str, record['seeds']))}",
              f"- Budget per run: {record.get('budget_minutes') or '-'} minutes, {record.get('budget_tokens') or '-'} "
-             f"tokens; init from: {record.get('init_from') or 'none (trained from scratch)'}"
-             + (f" (fine-tuning recipe: a no-memory model pretrained for {record['pretrain_steps']} steps, every "
-                f"variant fine-tuned from it)" if record.get("pretrain_steps") else ""),
+             f"tokens; init from: "
+             + (f"a no-memory model pretrained for {record['pretrain_steps']} steps (`runs/pretrain/<hash>`, one per "
+                f"distinct non-memory config; the fine-tuning recipe), every variant fine-tuned from it"
+                if record.get("pretrain_steps") else record.get("init_from") or "none (trained from scratch)"),
              "- Other command-line overrides: " + (", ".join(f"`{k}={json.dumps(v)}`" for k, v in
                                                              record.get("extra_overrides", {}).items()) or "none"),
              f"- Executor: {record.get('executor', '?')} (jobs {record.get('jobs', '?')})",
