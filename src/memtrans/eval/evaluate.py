@@ -158,7 +158,7 @@ def evaluate(run_dir: str | Path, split: str = "test", overrides: list[str] | No
         raise ValueError(f"the checkpoint's weights do not fit the run's config ({str(e).splitlines()[0][:300]})") from None
     model.eval()
     T = cfg.model.segment_len
-    B = max(1, ec.batch_size)
+    B = max(1, min(ec.batch_size, len(docs)))  # slots beyond the number of documents would only compute padding
     stream = DocumentStream(docs, B, T, seed=0, loop=False, shuffle=False)
     state = model.init_state(B)
     amp = autocast_context(cfg.train.precision, device) if cfg.train.precision == "bf16" else contextlib.nullcontext()
