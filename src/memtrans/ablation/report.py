@@ -413,7 +413,10 @@ def study_section(study: dict, variants: list[VariantData], bucket: str | None, 
     rows = []
     for v in variants[1:]:
         row = [v.name]
-        for _, _, get, _ in QUALITY:
+        for key, _, get, _ in QUALITY:
+            if v.quality[key] is None or base.quality[key] is None:
+                row.append("-")
+                continue
             row.append(_paired_cell(paired([(r.seed, get(r, bucket)) for r in v.runs if r.ok],
                                            [(r.seed, get(r, bucket)) for r in base.runs if r.ok])))
         if stab:
