@@ -117,11 +117,10 @@ class Attention(nn.Module):
         causal = torch.ones(T, L, dtype=torch.bool, device=x.device).tril(L - T)
         # Additive mask in q's dtype: T5 bias, -inf where not allowed. [1, H, T, L] while every key is valid
         # (almost every segment): a per-slot [B, H, T, L] copy costs as much as the attention itself on CPU.
-        if bool(key_valid.all()):
-            bias = self.rel_bias(T, L).to(q.dtype).masked_fill(~causal, float("-inf"))[None]
-        else:
-            allowed = causal[None, None] & key_valid[:, None, None, :]  # [B, 1, T, L]
-            bias = self.rel_bias(T, L).to(q.dtype)[None].masked_fill(~allowed, float("-inf"))
+        allowed = causal[None, None]  # [1, 1, T, L]
+        if not bool(key_valid.all()):
+            allowed = allowed & key_valid[:, None, None, :]  # [B, 1, T, L]
+        bias = self.rel_bias(T, L).to(q.dtype)[None].masked_fill(~allowed, float("-inf"))
 
         if self.use_memory:
             out = self._with_memory(x, q, q_scaled, keys, values, bias, memory, positions, diagnostics)
