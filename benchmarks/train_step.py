@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import header, loadavg  # noqa: E402
+from common import header, loadavg, matmul_peak  # noqa: E402
 
 from memtrans import ModelConfig  # noqa: E402
 from memtrans.memory import ExactMemory  # noqa: E402
@@ -115,18 +115,6 @@ class Variant:
         return model, retrieval
 
 
-def matmul_peak_best(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    """FLOP/s of the fastest of `reps` n x n x n torch.matmul in `dtype` (after one warm-up) on the current threads."""
-    x, y = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    x @ y
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        x @ y
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dim", type=int, help=f"default {DEFAULTS['dim']}")
@@ -158,7 +146,7 @@ def main(argv=None):
     print(header("training step: forward + backward + AdamW, one memory layer pre-filled to capacity"))
     precisions = a.precisions.split(",")
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    peaks = {pr: matmul_peak_best(dtypes[pr], reps=a.peak_reps) for pr in precisions}
+    peaks = {pr: matmul_peak(dtypes[pr], reps=a.peak_reps) for pr in precisions}
     logits = "reused from the retrieval" if a.score_dtype == "float32" else "recomputed from q and retrieved keys"
     print(f"# model dim {a.dim} depth {a.depth} heads {a.heads} head_dim {a.head_dim} segment {a.segment} B {a.batch} "
           f"k {a.k}; memory layer {a.depth - 2}; ring bf16, scores {a.score_dtype} (memory logits {logits})")
