@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from memtrans.config import load_config
 from memtrans.eval import evaluate
 from memtrans.train import train
@@ -17,6 +19,7 @@ from memtrans.train import train
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "recall_proof"
 
 
+@pytest.mark.slow
 def test_memory_recalls_beyond_the_local_window(tmp_path):
     local = load_config(CONFIGS / "local.yaml")
     assert train(local, tmp_path / "local", quiet=True)["status"] == "finished"
