@@ -152,8 +152,10 @@ def test_engine_scores_are_inner_products_of_the_returned_keys(backend, kw):
     results and after the ring wrapped (FIFO overwrites); bf16 ring, bf16 and fp32 queries."""
     if backend != "exact":
         pytest.importorskip("faiss")
-    cfg = ModelConfig(dim=32, heads=2, head_dim=16, memory_size=256, knn_k=8, memory_layers=(0,),
-                      memory_backend=backend, memory_dtype="bfloat16", score_dtype="float32", **kw)
+    for score_dtype in ("bfloat16", "float32"):  # faiss ignores score_dtype: its scores are exact either way
+        cfg = ModelConfig(dim=32, heads=2, head_dim=16, memory_size=256, knn_k=8, memory_layers=(0,),
+                          memory_backend=backend, memory_dtype="bfloat16", score_dtype=score_dtype, **kw)
+        assert make_memory(cfg, batch_size=2).exact_scores == (backend != "exact" or score_dtype == "float32")
     mem = make_memory(cfg, batch_size=2)
     g = torch.Generator().manual_seed(0)
     for _ in range(3):  # 300 entries into a 256 ring: wraps; IVF trains at the first search with >= 156 stored

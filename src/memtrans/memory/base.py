@@ -62,6 +62,12 @@ class MemoryBackend:
         self.values[:, :, :allocated] = old[1]
         self.positions[:, :allocated] = old[2]
 
+    @property
+    def exact_scores(self) -> bool:
+        """True when `search` returns the fp32 inner products of the queries with the returned keys as
+        stored, so a caller may use them as logits (memory attention then does not compute q.k twice)."""
+        return self.score_dtype == torch.float32
+
     def add(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor | None = None) -> None:
         """Append T entries per slot and head, overwriting the oldest ones once the ring is full."""
         B, H, T, D = keys.shape

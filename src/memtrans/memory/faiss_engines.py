@@ -34,6 +34,7 @@ def _pack(scores: list, ids: list, shape: tuple, device) -> tuple[torch.Tensor, 
 
 class FaissFlatMemory(MemoryBackend):
     name = "faiss_flat"
+    exact_scores = True  # faiss scores fp32 copies of the stored keys whatever score_dtype says (IVF too)
 
     def _topk(self, queries, k, filled):
         B, H, T, _ = queries.shape

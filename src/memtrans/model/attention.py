@@ -133,11 +133,10 @@ class Attention(nn.Module):
     def _with_memory(self, x, q, q_scaled, keys, values, bias, memory, positions, diagnostics):
         found = memory.search(q, self.knn_k)  # ranks by raw q.k; a positive per-head scale keeps the order
         mem_values = found.values.to(values.dtype)
-        # Gradients reach q (and the scale) through the retrieved logits; none reach the memory. With fp32
-        # scores the retrieval already computed q.k for exactly these keys (every engine scores the ring's
-        # keys as stored, faiss IVF included), so they are reused; with bf16/fp16 scores (ExactMemory's
-        # score_dtype) they are rounded, so the logits are recomputed from q and the retrieved keys.
-        if self.reuse_scores and memory.score_dtype == torch.float32:
+        # Gradients reach q (and the scale) through the retrieved logits; none reach the memory. Where the
+        # retrieval already computed fp32 q.k for exactly these keys (memory.exact_scores), they are reused;
+        # bf16/fp16 scores (ExactMemory's score_dtype) are rounded, so the logits are recomputed.
+        if self.reuse_scores and memory.exact_scores:
             scale = self.log_scale.exp()[:, None, None] if self.qk_norm else 1 / math.sqrt(self.head_dim)
             mem_logits = memory_logits_reuse(q, scale, found)
         else:
