@@ -150,3 +150,16 @@ def test_stability_tracker():
 def test_bf16_autocast_runs(tmp_path, precision):
     s = train(tiny_config(tmp_path, steps=2, train={"precision": precision}), tmp_path / "run", quiet=True)
     assert s["status"] == "finished" and math.isfinite(s["final_loss"])
+
+
+@pytest.mark.slow
+def test_compile_trains_like_eager(tmp_path):
+    """train.compile: torch.compile around the model (memory ops stay eager behind graph breaks) gives the
+    eager run's losses up to float reordering."""
+    losses = {}
+    for compiled in (False, True):
+        cfg = tiny_config(tmp_path, steps=6, train={"compile": compiled, "checkpoint_every": 0})
+        assert train(cfg, tmp_path / f"run-{compiled}", quiet=True)["status"] == "finished"
+        losses[compiled] = [json.loads(line)["loss"] for line in (tmp_path / f"run-{compiled}" / "metrics.jsonl").open()]
+    assert len(losses[True]) == 6
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)

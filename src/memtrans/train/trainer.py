@@ -200,6 +200,8 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
         say(f"memtrans train: initialised from {src}; fresh (missing) parameters: {init_info['missing'] or 'none'}; "
             f"ignored (unexpected): {init_info['unexpected'] or 'none'}")
     D.broadcast_params(model, ctx)
+    # torch.compile fuses the dense parts (memory search and writes stay eager, behind graph breaks)
+    forward = torch.compile(model) if tc.compile else model
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
     optimizer = build_optimizer(model, cfg.optim)
@@ -274,7 +276,7 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
             model.reset_state(state, batch.new_doc)
             batch = batch.to(device)
             with amp:
-                logits, state = model(batch.tokens, state)
+                logits, state = forward(batch.tokens, state)
             loss, n_tok = masked_loss(logits, batch.targets, batch.loss_mask, batch.tags, tc.tagged_loss_weight)
             loss.backward()
             D.average_gradients(params, ctx)
