@@ -17,16 +17,18 @@ Format of one document (ASCII only, so with the byte tokenizer token i is charac
   Gaps are random, so distances spread from `recall_min_distance` to about `recall_doc_len`.
 
 Layout `fused` (`DataConfig.recall_layout`): each binding is ONE token, the byte that identifies the
-(key, value) pair, and a query is the key letter followed by its value digit:
+(key, value) pair; the bindings stand in a row, and later the queries, each the key letter followed by its
+value digit:
 
-    <filler> Ã <filler> Ð <filler> ... <long filler> ... C7 <filler> A3 <filler>
+    <filler> ÊïÄÛßó <filler of at least recall_min_distance> A4D1E7C7F1B0 <filler>
 
 The binding character is chr(0xC0 + 10 * key + value), two UTF-8 bytes 0xC3 and 0x80 + 10 * key + value;
 the second byte is the binding token. Keys are the letters A-F (so `recall_pairs <= 6`, key and value
 length 1). Looking a value up then needs one attention layer (query "key letter" -> binding token ->
 its value), not the two-layer circuit of the text layout, where the key must first be copied next to
 the value; tiny models on a CPU budget learn the former in seconds and the latter not at all (measured:
-see tests/test_recall_proof.py). Lengths (`recall_doc_len`, distances) count bytes = tokens.
+see benchmarks/recall_proof.py). Scattered through the filler instead of in a row, one-token bindings were
+learned far more slowly. Lengths (`recall_doc_len`, distances) count bytes = tokens.
 
 Scoring (`tags`): `tags[p] = d > 0` at a position p whose TARGET (token p+1) is a value character of a
 query, where `d` is the distance in tokens from that target back to its binding: to the same character
