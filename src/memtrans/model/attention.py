@@ -130,6 +130,7 @@ class Attention(nn.Module):
         out = self.proj(rearrange(out, "b h t d -> b t (h d)"))
         return out, (k.detach(), v.detach())
 
+    @torch.compiler.disable  # retrieval, reuse and gating stay eager under train.compile (see README)
     def _with_memory(self, x, q, q_scaled, keys, values, bias, memory, positions, diagnostics):
         found = memory.search(q, self.knn_k)  # ranks by raw q.k; a positive per-head scale keeps the order
         mem_values = found.values.to(values.dtype)
