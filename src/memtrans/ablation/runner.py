@@ -522,8 +522,7 @@ def main(argv: list[str] | None = None, run_fn: RunFn | None = None) -> int:
         raise ValueError("--seeds must be >= 1")
     if args.pretrain_steps is not None and (args.init_from is not None or args.pretrain_steps < 1):
         raise ValueError("--pretrain-steps takes a positive number of steps and excludes --init-from")
-    extra = cli_overrides(args)
-    resolved = resolve(plan, args.preset, seeds=seeds, only=args.only, extra_overrides=extra)
+    resolved = resolve(plan, args.preset, seeds=seeds, only=args.only, extra_overrides=cli_overrides(args))
     out = Path(args.out or Path("runs") / "ablations" / f"{Path(args.plan).stem}-{args.preset}")
     if args.pretrain_steps:
         starts = {h: pretrain_config(resolved, spec.config, args.pretrain_steps) for h, spec in resolved.runs.items()}
@@ -536,7 +535,6 @@ def main(argv: list[str] | None = None, run_fn: RunFn | None = None) -> int:
                 else:
                     dirs[cfg.hash()] = str(pretrain(cfg, run_fn))
         resolved = with_init_from(resolved, {h: dirs[cfg.hash()] for h, cfg in starts.items()})
-        extra["train.init_from"] = sorted(set(dirs.values())) if len(dirs) > 1 else next(iter(dirs.values()))
     if args.dry_run:
         print(dry_run_text(resolved, out))
         return 0

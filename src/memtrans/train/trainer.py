@@ -200,7 +200,7 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
         say(f"memtrans train: initialised from {src}; fresh (missing) parameters: {init_info['missing'] or 'none'}; "
             f"ignored (unexpected): {init_info['unexpected'] or 'none'}")
     D.broadcast_params(model, ctx)
-    # torch.compile fuses the dense parts (memory search and writes stay eager, behind graph breaks)
+    # torch.compile fuses the dense parts; the memory path is excluded (Attention._with_memory)
     forward = torch.compile(model) if tc.compile else model
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
