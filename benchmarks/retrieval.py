@@ -7,8 +7,10 @@ attention (F.scaled_dot_product_attention, 512 queries x 1024 keys = segment + X
 Recall@32 is measured against the fp32 exact *reference* path (plain matmul + torch.topk) on the
 freshly filled memory, over the first --recall-queries queries of every slot and head.
 
-Backends: exact_fp32 / exact_bf16 (ExactMemory, fastest correct path, fp32 / bf16 scores),
-exact_fp32_ref / exact_bf16_ref (ExactMemory forced onto the reference torch path), faiss_flat, faiss_ivf.
+Backends: exact_fp32 / exact_bf16 (ExactMemory, fastest correct path, fp32 / bf16 scores: the fused kernel
+with its int8 prefilter where the CPU has AVX-512 VNNI), exact_fp32_fused / exact_bf16_fused (the fused
+kernel without the prefilter), exact_fp32_ref / exact_bf16_ref (ExactMemory forced onto the reference torch
+path), faiss_flat, faiss_ivf.
 
     python benchmarks/retrieval.py --quick
     python benchmarks/retrieval.py --sizes 8K,32K,65K,131K,262K --batch 1,4 --threads 1
@@ -29,9 +31,11 @@ from common import clustered_unit, header, loadavg, timeit  # noqa: E402
 from memtrans.memory import ExactMemory  # noqa: E402
 
 HEADS, HEAD_DIM, T, K, XL = 8, 64, 512, 32, 512
-ALL_BACKENDS = ["exact_fp32_ref", "exact_bf16_ref", "exact_fp32", "exact_bf16", "faiss_flat", "faiss_ivf"]
+ALL_BACKENDS = ["exact_fp32_ref", "exact_bf16_ref", "exact_fp32_fused", "exact_bf16_fused", "exact_fp32", "exact_bf16",
+                "faiss_flat", "faiss_ivf"]
 # rough single-thread ns per (query, entry, head) score, only used to skip absurdly long runs
-EST_NS = {"exact_fp32_ref": 20.0, "exact_bf16_ref": 8.0, "exact_fp32": 1.0, "exact_bf16": 0.6,
+EST_NS = {"exact_fp32_ref": 20.0, "exact_bf16_ref": 8.0, "exact_fp32_fused": 1.0, "exact_bf16_fused": 0.6,
+          "exact_fp32": 0.6, "exact_bf16": 0.6,
           "faiss_flat": 30.0, "faiss_ivf": 0.2}
 
 
@@ -46,7 +50,9 @@ def make(backend: str, B: int, N: int, nlist: int, nprobe: int):
     kw = dict(dtype=torch.bfloat16)
     if backend.startswith("exact"):
         score = torch.float32 if "fp32" in backend else torch.bfloat16
-        return ExactMemory(B, HEADS, HEAD_DIM, N, score_dtype=score, fast=not backend.endswith("_ref"), **kw)
+        prefilter = "none" if backend.endswith("_fused") else None  # None: the class default (int8)
+        return ExactMemory(B, HEADS, HEAD_DIM, N, score_dtype=score, fast=not backend.endswith("_ref"),
+                           prefilter=prefilter, **kw)
     from memtrans.memory.faiss_engines import FaissFlatMemory, FaissIVFMemory
     if backend == "faiss_flat":
         return FaissFlatMemory(B, HEADS, HEAD_DIM, N, **kw)

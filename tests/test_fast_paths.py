@@ -10,12 +10,18 @@ pytestmark = pytest.mark.skipif(not fast_topk.available(),
                                 reason=f"fused kernel unavailable: {fast_topk.unavailable_reason()}")
 
 
-def build(B, H, D, capacity, fills, dtype, score_dtype, seed=0, clustered=False):
+PREFILTERS = ["none", pytest.param("int8", marks=pytest.mark.skipif(
+    not fast_topk.int8_available(), reason="CPU lacks AVX-512 VNNI for the int8 prefilter"))]
+PATH = {"none": "fused", "int8": "fused-int8"}
+
+
+def build(B, H, D, capacity, fills, dtype, score_dtype, seed=0, clustered=False, prefilter="none"):
     """A fast and a reference ExactMemory with identical contents, through the public add/reset API.
     Slot b ends holding the last fills[b] entries written (more than capacity wraps its ring); writes come
     in unaligned chunks of 37 and slots are reset at different points, so counts and wrap points differ."""
     g = torch.Generator().manual_seed(seed)
-    mems = [ExactMemory(B, H, D, capacity, dtype=dtype, score_dtype=score_dtype, fast=f) for f in (True, False)]
+    mems = [ExactMemory(B, H, D, capacity, dtype=dtype, score_dtype=score_dtype, fast=f, prefilter=prefilter)
+            for f in (True, False)]
     centres = torch.randn(16, D, generator=g)
     W = max(fills)
     breaks = sorted(set(range(0, W, 37)) | {W - n for n in fills if 0 < n < W} | {W})
@@ -52,28 +58,30 @@ def assert_same_topk(fast, ref, tol):
     assert same.float().mean() >= 0.99
 
 
+@pytest.mark.parametrize("prefilter", PREFILTERS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("D", [64, 16])
-def test_fp32_fast_path_equals_reference(dtype, D):
+def test_fp32_fast_path_equals_reference(dtype, D, prefilter):
     # slot 0 wrapped (700 written into 256), slot 1 partly filled, slot 2 fewer than k, slot 3 empty
     B, H = 4, 3
-    fast, ref = build(B, H, D, 256, [700, 100, 10, 0], dtype, torch.float32)
-    assert fast.count.tolist() == [256, 100, 10, 0] and fast.active_path() == "fused"
+    fast, ref = build(B, H, D, 256, [700, 100, 10, 0], dtype, torch.float32, prefilter=prefilter)
+    assert fast.count.tolist() == [256, 100, 10, 0] and fast.active_path() == PATH[prefilter]
     assert ref.active_path() == "reference"
     q = torch.randn(B, H, 45, D)  # 45 queries: not a multiple of the 32-query tile
     for k in (1, 32, 300):  # 300 > every slot's fill
         a, b = fast.search(q, k), ref.search(q, k)
-        assert_same_topk(a, b, tol=1e-5)
+        assert_same_topk(a, b, tol=3e-5)  # |scores| reach ~30 here; fp32 summation order differs by ~1e-6 relative
         i = a.indices[0, 1, 7, 0]  # retrieved keys/values are the ring's entries
         assert torch.equal(a.keys[0, 1, 7, 0], fast.keys[0, 1, i]) and torch.equal(a.values[0, 1, 7, 0], fast.values[0, 1, i])
         assert (a.positions[~a.valid] == -1).all() and not a.valid[3].any()
         assert (a.valid[2].sum(-1) == min(k, 10)).all()
 
 
-def test_fast_bf16_scores_match_same_dtype_reference_exactly():
+@pytest.mark.parametrize("prefilter", PREFILTERS)
+def test_fast_bf16_scores_match_same_dtype_reference_exactly(prefilter):
     """bf16 mode = bf16 queries x bf16 keys accumulated in fp32: compare with exactly that computation."""
     B, H, D = 2, 2, 64
-    fast, _ = build(B, H, D, 512, [1200, 300], torch.bfloat16, torch.bfloat16)
+    fast, _ = build(B, H, D, 512, [1200, 300], torch.bfloat16, torch.bfloat16, prefilter=prefilter)
     q = torch.randn(B, H, 33, D)
     res = fast.search(q, 32)
     qb = q.to(torch.bfloat16).float()
@@ -87,9 +95,10 @@ def test_fast_bf16_scores_match_same_dtype_reference_exactly():
         assert_same_topk(sub, ref, tol=1e-5)
 
 
-def test_fast_bf16_recall_against_fp32_exact():
+@pytest.mark.parametrize("prefilter", PREFILTERS)
+def test_fast_bf16_recall_against_fp32_exact(prefilter):
     B, H, D = 1, 4, 64
-    fast, _ = build(B, H, D, 4096, [4096], torch.bfloat16, torch.bfloat16, clustered=True, seed=3)
+    fast, _ = build(B, H, D, 4096, [4096], torch.bfloat16, torch.bfloat16, clustered=True, seed=3, prefilter=prefilter)
     fp32 = ExactMemory(B, H, D, 4096, dtype=torch.bfloat16, score_dtype=torch.float32, fast=False)
     ref_bf16 = ExactMemory(B, H, D, 4096, dtype=torch.bfloat16, score_dtype=torch.bfloat16, fast=False)
     for m in (fp32, ref_bf16):
@@ -107,11 +116,13 @@ def test_fast_bf16_recall_against_fp32_exact():
     assert r_fast >= 0.99 and r_fast >= r_ref - 1e-9
 
 
-def test_threads_do_not_change_results():
-    fast, _ = build(3, 2, 64, 1024, [2000, 700, 5], torch.bfloat16, torch.float32)
+@pytest.mark.parametrize("prefilter", PREFILTERS)
+def test_threads_do_not_change_results(prefilter):
+    fast, _ = build(3, 2, 64, 1024, [2000, 700, 5], torch.bfloat16, torch.float32, prefilter=prefilter)
     q = torch.randn(3, 2, 100, 64)
-    one = fast_topk.topk(q, fast.keys, fast.count, 16, torch.float32, threads=1)
-    two = fast_topk.topk(q, fast.keys, fast.count, 16, torch.float32, threads=2)
+    codes = fast_topk.Int8Codes.of(fast.keys) if prefilter == "int8" else None
+    one = fast_topk.topk(q, fast.keys, fast.count, 16, torch.float32, threads=1, codes=codes)
+    two = fast_topk.topk(q, fast.keys, fast.count, 16, torch.float32, threads=2, codes=codes)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 
@@ -128,4 +139,97 @@ def test_unsupported_inputs_fall_back_to_reference():
 def test_class_switch_forces_reference(monkeypatch):
     monkeypatch.setattr(ExactMemory, "use_fast", False)
     assert ExactMemory(1, 1, 8, 16).active_path() == "reference"
-    assert ExactMemory(1, 1, 8, 16, fast=True, dtype=torch.float32).active_path() == "fused"
+    assert ExactMemory(1, 1, 8, 16, fast=True, dtype=torch.float32, prefilter="none").active_path() == "fused"
+
+
+def test_bad_prefilter_is_a_clear_error():
+    with pytest.raises(ValueError, match="prefilter must be 'int8' or 'none'"):
+        ExactMemory(1, 1, 8, 16, prefilter="int4")
+
+
+# ---- the int8 prefilter: exact by construction, so it must agree with the plain kernel on hard inputs ----
+int8_only = pytest.mark.skipif(not fast_topk.int8_available(), reason="CPU lacks AVX-512 VNNI")
+
+
+def _plain_and_int8(keys, q, k, score_dtype, counts=None):
+    B = keys.shape[0]
+    counts = torch.full((B,), keys.shape[2]) if counts is None else counts
+    plain = fast_topk.topk(q, keys, counts, k, score_dtype, threads=1)
+    int8 = fast_topk.topk(q, keys, counts, k, score_dtype, threads=1, codes=fast_topk.Int8Codes.of(keys))
+    return plain, int8
+
+
+def _assert_same(plain, int8, rtol=1e-5):
+    """Same scores rank by rank (up to fp32 summation order) and the same index sets up to ties."""
+    (ps, pi), (qs, qi) = plain, int8
+    torch.testing.assert_close(qs, ps, atol=1e-6, rtol=rtol)
+    same = (pi.sort(-1).values == qi.sort(-1).values).all(-1)
+    kth = ps[..., -1]
+    tol = 1e-6 + rtol * ps.abs().max().item()
+    for idx in (~same).nonzero().tolist():  # a different index set is allowed only through ties at the k-th score
+        a, b = set(pi[tuple(idx)].tolist()), set(qi[tuple(idx)].tolist())
+        scores = dict(zip(pi[tuple(idx)].tolist(), ps[tuple(idx)].tolist()))
+        assert all(abs(scores[i] - kth[tuple(idx)]) <= tol for i in a - b), f"{idx}: non-tie difference {a ^ b}"
+
+
+@int8_only
+@pytest.mark.parametrize("score_dtype", [torch.float32, torch.bfloat16])
+def test_int8_prefilter_is_exact_on_near_duplicate_keys(score_dtype):
+    """Thousands of keys within 1e-3 of each other: their int8 codes cannot rank them (the quantisation error
+    is ~10x the score gaps), so only the error bound and the exact re-rank keep the top-k right."""
+    g = torch.Generator().manual_seed(0)
+    base = F.normalize(torch.randn(2, 3, 1, 64, generator=g), dim=-1)
+    keys = F.normalize(base + 1e-3 * torch.randn(2, 3, 3000, 64, generator=g), dim=-1).to(torch.bfloat16)
+    q = F.normalize(base + 0.05 * torch.randn(2, 3, 40, 64, generator=g), dim=-1)
+    _assert_same(*_plain_and_int8(keys, q, 32, score_dtype))
+
+
+@int8_only
+def test_int8_prefilter_is_exact_on_unnormalised_and_degenerate_keys():
+    """No qk-norm: norms spanning 1e-3..1e3, exact zero keys, exact duplicates, a zero query, a huge query."""
+    g = torch.Generator().manual_seed(1)
+    B, H, N, D = 1, 2, 2500, 64
+    scale = torch.logspace(-3, 3, N)[torch.randperm(N, generator=g)]
+    keys = torch.randn(B, H, N, D, generator=g) * scale[:, None]
+    keys[:, :, :50] = 0
+    keys[:, :, 100:200] = keys[:, :, 200:300]
+    keys = keys.float()
+    q = torch.randn(B, H, 33, D, generator=g)
+    q[:, :, 0] = 0
+    q[:, :, 1] *= 1e4
+    _assert_same(*_plain_and_int8(keys, q, 32, torch.float32), rtol=1e-5)
+    _assert_same(*_plain_and_int8(keys[..., :24].contiguous(), q[..., :24].contiguous(), 7, torch.float32), rtol=1e-5)
+
+
+@int8_only
+def test_int8_codes_follow_the_ring():
+    """Codes are re-encoded where add writes (wrap, reset, partial chunks) and rebuilt on growth and load."""
+    mem = ExactMemory(2, 2, 16, 300, dtype=torch.bfloat16, prefilter="int8")
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 2, 5, 16, generator=g)
+    for step in range(12):
+        x = torch.randn(2, 2, 37, 16, generator=g)
+        mem.add(x, x)
+        if step == 5:
+            mem.reset([1])
+        mem.search(q, 8)  # builds the codes on first use, then keeps them current
+        want = fast_topk.Int8Codes.of(mem.keys)
+        for f in ("codes", "scale", "err", "norm", "sum"):
+            assert torch.equal(getattr(mem._codes, f), getattr(want, f)), (step, f)
+    other = ExactMemory(2, 2, 16, 300, dtype=torch.bfloat16, prefilter="int8")
+    other.load_state_dict(mem.state_dict())
+    a, b = other.search(q, 8), mem.search(q, 8)
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.scores, b.scores)
+
+
+@int8_only
+def test_int8_codes_bound_the_error():
+    """What the kernel relies on: |k - scale * codes| = err, |k| = norm, codes within [-127, 127]."""
+    keys = torch.randn(1, 2, 500, 64) * torch.logspace(-4, 4, 500)[:, None]
+    c = fast_topk.Int8Codes.of(keys)
+    x = keys.double()
+    assert c.codes.abs().max() <= 127
+    torch.testing.assert_close(c.err.double(), (x - c.scale.double()[..., None] * c.codes.double()).norm(dim=-1),
+                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(c.norm.double(), x.norm(dim=-1), rtol=1e-6, atol=0)
+    assert (c.err <= 0.5 * c.scale * 8 * 1.0001).all()  # rounding error <= scale / 2 per dim, sqrt(64) = 8 dims

@@ -20,31 +20,69 @@ class ExactMemory(MemoryBackend):
     - reference (`fast=False`, `ExactMemory.use_fast = False`, env MEMTRANS_EXACT_PATH=reference, and the
       fallback whenever the kernel is unavailable, e.g. on CUDA or without a compiler): chunked torch
       matmul in `score_dtype` + torch.topk, the score block bounded by `max_block_elements`.
+    On CPUs with AVX-512 VNNI the fast path first runs an int8 prefilter (`prefilter="int8"`, the default;
+    `"none"` or env MEMTRANS_EXACT_PREFILTER=none turns it off): the ring keeps an int8 copy of its keys
+    (`fast_topk.Int8Codes`, +~80 bytes per entry, updated on `add`), the kernel scores every entry with VNNI
+    int8 products (2x the bf16 rate here), drops those whose approximate score plus a rigorous error bound
+    cannot reach the current k-th best exact score, and scores the rest exactly. Same top-k, same scores.
     Both only score the filled prefix [0, count[b]), so a partly filled memory costs only its filled part.
     """
 
     name = "exact"
     max_block_elements = 1 << 25  # reference path: scores held at once, B*H*T*chunk (64 MiB in bf16)
     use_fast = os.environ.get("MEMTRANS_EXACT_PATH", "fast") != "reference"  # class-wide default
+    default_prefilter = os.environ.get("MEMTRANS_EXACT_PREFILTER", "int8")  # class-wide default
 
-    def __init__(self, *args, fast: bool | None = None, **kwargs):
+    def __init__(self, *args, fast: bool | None = None, prefilter: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.fast = self.use_fast if fast is None else fast
+        self.prefilter = self.default_prefilter if prefilter is None else prefilter
+        if self.prefilter not in ("int8", "none"):
+            raise ValueError(f"prefilter must be 'int8' or 'none', got {self.prefilter!r}")
+        self._codes = None  # fast_topk.Int8Codes of the ring, built on the first prefiltered search
 
     def active_path(self, queries: torch.Tensor | None = None) -> str:
-        """'fused' or 'reference': which path `search` takes for this memory's ring and score dtype."""
+        """'fused-int8', 'fused' or 'reference': which path `search` takes for this ring and score dtype."""
         if not self.fast or self.device.type != "cpu":
             return "reference"
         from memtrans.memory import fast_topk
-        return "fused" if fast_topk.supports(self.keys, self.score_dtype) else "reference"
+        if not fast_topk.supports(self.keys, self.score_dtype):
+            return "reference"
+        return "fused-int8" if self._use_int8() else "fused"
+
+    def _use_int8(self) -> bool:
+        from memtrans.memory import fast_topk
+        return self.prefilter == "int8" and self.head_dim % 4 == 0 and fast_topk.int8_available()
 
     def _topk(self, queries: torch.Tensor, k: int, filled: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fast and self.device.type == "cpu":
             from memtrans.memory import fast_topk
-            out = fast_topk.topk(queries, self.keys, self.count, k, self.score_dtype)
+            codes = None
+            if self._use_int8() and fast_topk.supports(self.keys, self.score_dtype):
+                if self._codes is None or self._codes.entries != self.keys.shape[2]:
+                    self._codes = fast_topk.Int8Codes.of(self.keys)
+                codes = self._codes
+            out = fast_topk.topk(queries, self.keys, self.count, k, self.score_dtype, codes=codes)
             if out is not None:
                 return out
         return self._topk_reference(queries, k, filled)
+
+    # The int8 codes follow the ring: re-encoded where `add` wrote, rebuilt when the ring grows or is loaded.
+    def _on_add(self, idx: torch.Tensor) -> None:
+        if self._codes is None:
+            return
+        if self._codes.entries != self.keys.shape[2]:
+            self._codes = None
+            return
+        for b in range(idx.shape[0]):
+            self._codes.set(b, idx[b], self.keys[b][:, idx[b]])
+
+    def load_state_dict(self, d: dict) -> None:
+        super().load_state_dict(d)
+        self._codes = None
+
+    def _index_nbytes(self) -> int:
+        return 0 if self._codes is None else self._codes.nbytes
 
     def _topk_reference(self, queries: torch.Tensor, k: int, filled: int) -> tuple[torch.Tensor, torch.Tensor]:
         B, H, T, D = queries.shape

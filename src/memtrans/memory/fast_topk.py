@@ -32,6 +32,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -43,14 +44,32 @@ _SRC = r"""
 #include <vector>
 #include <algorithm>
 #include <thread>
+#include <functional>
+#include <new>
 #include <atomic>
 
 namespace {
 
 const int QB = 32;     // queries per register tile (2 x 16 lanes)
 const int NK = 12;     // keys per register tile
+#ifndef MT_NK8
+#define MT_NK8 12
+#endif
+#ifndef MT_BAND
+#define MT_BAND 4
+#endif
 
 struct Cand { float s; int64_t i; };
+struct Better { bool operator()(const Cand& a, const Cand& b) const { return a.s > b.s || (a.s == b.s && a.i < b.i); } };
+template <class T> struct Aligned64 {  // allocator for vectors read with aligned 512-bit loads
+    using value_type = T;
+    Aligned64() = default;
+    template <class U> Aligned64(const Aligned64<U>&) {}
+    T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+    void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+    template <class U> bool operator==(const Aligned64<U>&) const { return true; }
+    template <class U> bool operator!=(const Aligned64<U>&) const { return false; }
+};
 inline bool better(const Cand& a, const Cand& b) { return a.s > b.s || (a.s == b.s && a.i < b.i); }
 
 struct TopK {  // candidate buffers of `nq` queries, `cap` entries each
@@ -185,6 +204,203 @@ void run_task(const void* q, const void* keys, int keys_bf16, int64_t n, int T, 
     for (int t = 0; t < nq; t++) tk.finish(t, out_s + (size_t)t * kk, out_i + (size_t)t * kk, kk);
 }
 
+
+// ---- int8 prefilter + exact re-rank --------------------------------------------------------------------
+// Approximate score a = s_q * s_k * (qhat . khat): int8 codes with per-vector scales, products on VNNI
+// (vpdpbusd: 2x the bf16 rate here). For query x and key k with codes (s_q, qhat) and (s_k, khat),
+// |x.k - a| <= |x|.|k - s_k khat| + |s_k khat|.|x - s_q qhat| <= |x| e_k + (|k| + e_k) e_q (Cauchy-Schwarz),
+// so E_q = |x| max e_k + (max |k| + max e_k) e_q, inflated to cover fp32 rounding, bounds the error for every
+// key. If A is the k-th best approximate score, k entries have exact score >= A - E_q, so the exact k-th best
+// is >= A - E_q and an entry with a < A - 2 E_q has exact score < A - E_q: it cannot enter the top-k.
+// Pass 1 keeps, per query, every entry within 2 E_q of the running k-th best a (which only rises, so
+// nothing needed is dropped); pass 2 scores the survivors exactly (fp32 products of the same operands as
+// the plain kernel) and takes their top-k. The result is the exact top-k of the exact scores.
+__attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+inline float dot_exact(const float* x, const void* keys, int keys_bf16, int64_t j, int D) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int d = 0; d < D; d += 16) {
+        const __mmask16 m = D - d >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1);
+        __m512 a = _mm512_maskz_loadu_ps(m, x + d), b;
+        if (keys_bf16) {
+            __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t*)keys + (size_t)j * D + d);
+            b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        } else {
+            b = _mm512_maskz_loadu_ps(m, (const float*)keys + (size_t)j * D + d);
+        }
+        acc = _mm512_fmadd_ps(a, b, acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+struct Band {  // per query: candidates (f = a / s_q, ring index) within `margin` of the k-th best f seen
+    int k, kp;  // kp: k rounded up to 16 lanes
+    std::vector<float, Aligned64<float>> tops;  // [nq][kp]: the k best f so far (-inf until filled; pad lanes +inf)
+    std::vector<float> kth, margin, thr;  // kth = min of tops; thr = kth - margin: entries with f <= thr are dropped
+    std::vector<std::vector<Cand>> c;  // c[q][0, n[q]): the candidates; c[q].size() is the capacity
+    std::vector<size_t> n;
+    Band(int nq, int k_) : k(k_), kp((k_ + 15) / 16 * 16), tops((size_t)nq * kp), kth(nq, -INFINITY), margin(nq, 0.f),
+                           thr(nq, -INFINITY), c(nq, std::vector<Cand>(64)), n(nq, 0) {
+        for (int q = 0; q < nq; q++)
+            for (int t = 0; t < kp; t++) tops[(size_t)q * kp + t] = t < k ? -INFINITY : INFINITY;
+    }
+    __attribute__((noinline)) void prune(int q) {  // drop what the (only rising) threshold excludes now
+        auto& v = c[q];
+        const float t = thr[q];
+        n[q] = std::remove_if(v.begin(), v.begin() + n[q], [t](const Cand& e) { return e.s <= t; }) - v.begin();
+        if (2 * n[q] > v.size()) v.resize(2 * v.size());  // amortised O(1) per push even when the band is wide
+    }
+    __attribute__((target("avx512f")))
+    inline void push(int q, float f, int64_t i) {
+        // Branch-free: replace the first lane holding the k-th best with max(f, k-th best) (a no-op when f
+        // does not beat it), then take the new minimum over the k/16 vectors.
+        float* tp = &tops[(size_t)q * kp];
+        const __m512 old = _mm512_set1_ps(kth[q]), nv = _mm512_set1_ps(std::max(f, kth[q]));
+        __mmask16 done = 0;
+        __m512 mn = _mm512_set1_ps(INFINITY);
+        for (int t = 0; t < kp; t += 16) {
+            __m512 v = _mm512_load_ps(tp + t);
+            const __mmask16 eq = _mm512_cmp_ps_mask(v, old, _CMP_EQ_OQ) & (__mmask16)~(done ? 0xFFFF : 0);
+            const __mmask16 first = eq & (__mmask16)(-(int)eq);
+            v = _mm512_mask_mov_ps(v, first, nv);
+            done |= first;
+            _mm512_store_ps(tp + t, v);
+            mn = _mm512_min_ps(mn, v);
+        }
+        kth[q] = _mm512_reduce_min_ps(mn);
+        thr[q] = kth[q] - margin[q];
+        c[q][n[q]++] = Cand{f, i};
+        if (n[q] == c[q].size()) prune(q);
+    }
+};
+
+__attribute__((noinline))
+void insert_band(Band& band, int qoff, const float* s, const uint32_t* masks, int nkt, int64_t j0) {
+    for (int t = 0; t < nkt; t++) {
+        for (uint32_t m = masks[t]; m; m &= m - 1) {
+            int l = __builtin_ctz(m), q = qoff + l;
+            if (s[t * 32 + l] > band.thr[q]) band.push(q, s[t * 32 + l], j0 + t);
+        }
+    }
+}
+
+#define I8_DECL(t) __m512i c0_##t = _mm512_setzero_si512(), c1_##t = _mm512_setzero_si512(); __m512 f0_##t, f1_##t;
+#define I8_DP(t) if (NKT > t) { __m512i y = _mm512_set1_epi32((int)kw[(t) * W + w]); \
+    MT_DPBUSD(c0_##t, x0, y); MT_DPBUSD(c1_##t, x1, y); }
+// In-place accumulate via asm: with the intrinsic GCC copied every accumulator each step (2x slower).
+#define MT_DPBUSD(acc, a, b) asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b))
+#define I8_CHK(t) if (NKT > t) { __m512 sc = _mm512_set1_ps(kscale[j + t]); __m512i off = _mm512_set1_epi32(128 * ksum[j + t]); \
+    c0_##t = _mm512_sub_epi32(c0_##t, off); c1_##t = _mm512_sub_epi32(c1_##t, off); \
+    f0_##t = _mm512_mul_ps(_mm512_cvtepi32_ps(c0_##t), sc); f1_##t = _mm512_mul_ps(_mm512_cvtepi32_ps(c1_##t), sc); \
+    masks[t] = (uint32_t)_mm512_cmp_ps_mask(f0_##t, thr0, _CMP_GT_OQ) | \
+    ((uint32_t)_mm512_cmp_ps_mask(f1_##t, thr1, _CMP_GT_OQ) << 16); any |= masks[t]; }
+#define I8_ST(t) if (NKT > t) { _mm512_store_ps(buf + t * 32, f0_##t); _mm512_store_ps(buf + t * 32 + 16, f1_##t); }
+#define I8_ALL(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8) M(9) M(10) M(11)
+
+// One tile: 32 queries (u8 codes + 128, two 16-lane blocks of [W][16] words) x NKT int8 keys from row j.
+// Subtracting 128 * sum(khat) undoes the +128 offset that makes the query codes unsigned.
+template <int NKT, int DD>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma"), always_inline)) inline
+void tile_i8(const uint32_t* qa, const uint32_t* qb, const int8_t* codes, const float* kscale, const int32_t* ksum,
+             int Drt, int64_t j, Band& band, int qoff, __m512& thr0, __m512& thr1) {
+    const int D = DD ? DD : Drt, W = D / 4;
+    const uint32_t* kw = (const uint32_t*)(codes + (size_t)j * D);
+    I8_ALL(I8_DECL)
+#pragma GCC unroll 2
+    for (int w = 0; w < W; w++) {
+        __m512i x0 = _mm512_loadu_si512(qa + w * 16), x1 = _mm512_loadu_si512(qb + w * 16);
+        I8_ALL(I8_DP)
+    }
+    uint32_t masks[NKT], any = 0;
+    I8_ALL(I8_CHK)
+    if (__builtin_expect(any != 0, 0)) {
+        alignas(64) float buf[NKT * 32];
+        I8_ALL(I8_ST)
+        insert_band(band, qoff, buf, masks, NKT, j);
+        thr0 = _mm512_loadu_ps(&band.thr[qoff]); thr1 = _mm512_loadu_ps(&band.thr[qoff + 16]);
+    }
+}
+
+template <int DD>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
+void run_task_i8(const float* q, const void* keys, int keys_bf16, const int8_t* codes, const float* kscale,
+                 const float* kerr, const float* knorm, const int32_t* ksum, int64_t n, int D, int q0, int q1,
+                 int k, float* out_s, int64_t* out_i, int kk) {
+    const int nq = q1 - q0, nb = (nq + QB - 1) / QB, W = D / 4, NQ = nb * QB;
+    double maxe = 0, maxn = 0;
+    for (int64_t j = 0; j < n; j++) { maxe = std::max(maxe, (double)kerr[j]); maxn = std::max(maxn, (double)knorm[j]); }
+    std::vector<uint32_t> qp((size_t)NQ * W, 0x80808080u);  // [block16][W][16]; padded lanes: code 0
+    uint8_t* qb8 = (uint8_t*)qp.data();
+    Band band(NQ, k);
+    for (int t = 0; t < nq; t++) {
+        const float* xt = q + (size_t)(q0 + t) * D;
+        double m = 0, n2 = 0, e2 = 0;
+        for (int d = 0; d < D; d++) m = std::max(m, (double)fabsf(xt[d]));
+        const float s = m > 0 ? (float)(m / 127.0) : 1.f;
+        const int blk = t / 16, lane = t % 16;
+        for (int d = 0; d < D; d++) {
+            int c = (int)nearbyintf(xt[d] / s);
+            c = std::max(-127, std::min(127, c));
+            qb8[(((size_t)blk * W + d / 4) * 16 + lane) * 4 + d % 4] = (uint8_t)(c + 128);
+            double r = (double)xt[d] - (double)s * c;
+            e2 += r * r; n2 += (double)xt[d] * xt[d];
+        }
+        const double nx = sqrt(n2), E = (nx * maxe + (maxn + maxe) * sqrt(e2)) * (1 + 1e-4) + 1e-5 * nx * maxn + 1e-30;
+        band.margin[t] = (float)(2 * E / s);  // in units of f = a / s_q
+    }
+    for (int t = nq; t < NQ; t++) band.thr[t] = INFINITY;
+    const int64_t KC = 4096;
+    constexpr int NK8 = MT_NK8;
+    for (int64_t c0 = 0; c0 < n; c0 += KC) {
+        const int64_t c1 = std::min(n, c0 + KC);
+        for (int b = 0; b < nb; b++) {
+            const uint32_t* qa = &qp[(size_t)(2 * b) * W * 16];
+            const uint32_t* qc = &qp[(size_t)(2 * b + 1) * W * 16];
+            __m512 thr0 = _mm512_loadu_ps(&band.thr[b * QB]), thr1 = _mm512_loadu_ps(&band.thr[b * QB + 16]);
+            int64_t j = c0;
+            for (; j + NK8 <= c1; j += NK8) tile_i8<NK8, DD>(qa, qc, codes, kscale, ksum, D, j, band, b * QB, thr0, thr1);
+            for (; j < c1; j++) tile_i8<1, DD>(qa, qc, codes, kscale, ksum, D, j, band, b * QB, thr0, thr1);
+        }
+    }
+    std::vector<Cand> ex;
+    const size_t row = (size_t)D * (keys_bf16 ? 2 : 4);
+    for (int t = 0; t < nq; t++) {  // pass 2: exact scores of the survivors, best kk descending
+        const float thr = band.thr[t];
+        ex.clear();
+        for (size_t u = 0; u < band.n[t]; u++)
+            if (const Cand& e = band.c[t][u]; e.s > thr) ex.push_back(e);
+        const float* xt = q + (size_t)(q0 + t) * D;
+        for (size_t u = 0; u < ex.size(); u++) {  // survivors' rows are scattered over the ring: prefetch ahead
+            if (u + 8 < ex.size()) {
+                const char* p = (const char*)keys + (size_t)ex[u + 8].i * row;
+                for (size_t o = 0; o < row; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+            }
+            ex[u].s = dot_exact(xt, keys, keys_bf16, ex[u].i, D);
+        }
+        const int r = std::min((int)ex.size(), kk);
+        if (r > 0 && r < (int)ex.size()) std::nth_element(ex.begin(), ex.begin() + (r - 1), ex.end(), Better());
+        std::sort(ex.begin(), ex.begin() + r, Better());
+        for (int u = 0; u < kk; u++) {
+            out_s[(size_t)t * kk + u] = u < r ? ex[u].s : -INFINITY;
+            out_i[(size_t)t * kk + u] = u < r ? ex[u].i : 0;
+        }
+    }
+}
+
+template <class F>
+void parallel_tasks(int64_t ntask, int nthreads, F fn) {
+    std::atomic<int64_t> next(0);
+    auto worker = [&]() { for (int64_t t; (t = next.fetch_add(1)) < ntask;) fn(t); };
+    int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, ntask));
+    std::vector<std::thread> pool;
+    for (int t = 1; t < nt; t++) pool.emplace_back(worker);
+    worker();
+    for (auto& th : pool) th.join();
+}
+
+int64_t query_split(int64_t B, int64_t H, int64_t T, int nthreads) {  // split queries when B*H < 4 x threads
+    return nthreads > 1 ? std::max<int64_t>(1, std::min<int64_t>((T + 127) / 128, (4 * nthreads + B * H - 1) / (B * H))) : 1;
+}
+
 }  // namespace
 
 extern "C" {
@@ -201,37 +417,64 @@ int mt_topk(int mode, const void* q, const void* keys, int keys_bf16, const int6
             int64_t B, int64_t H, int64_t T, int64_t D, int64_t NA, int64_t kk, float* out_s, int64_t* out_i,
             int nthreads) {
     if (D % 2 || (mode == 0 && !keys_bf16)) return 1;
-    const int64_t qsplit = nthreads > 1 ? std::max<int64_t>(1, std::min<int64_t>((T + 127) / 128,
-                                        (4 * nthreads + B * H - 1) / (B * H))) : 1;
+    const int64_t qsplit = query_split(B, H, T, nthreads);
     const int64_t per = ((T + qsplit - 1) / qsplit + QB - 1) / QB * QB;
-    const int64_t ntask = B * H * qsplit;
     const size_t qe = mode == 0 ? 2 : 4, ke = keys_bf16 ? 2 : 4;
-    std::atomic<int64_t> next(0);
-    auto worker = [&]() {
-        for (int64_t t; (t = next.fetch_add(1)) < ntask;) {
-            int64_t bh = t / qsplit, part = t % qsplit, b = bh / H;
-            int q0 = (int)std::min(T, part * per), q1 = (int)std::min(T, q0 + per);
-            if (q0 >= q1) continue;
-            const char* qb = (const char*)q + (size_t)bh * T * D * qe;
-            const char* kb = (const char*)keys + (size_t)bh * NA * D * ke;
-            float* os = out_s + ((size_t)bh * T + q0) * kk; int64_t* oi = out_i + ((size_t)bh * T + q0) * kk;
-            int64_t n = std::min(counts[b], NA);
-            if (n <= 0) {
-                for (int64_t e = 0; e < (int64_t)(q1 - q0) * kk; e++) { os[e] = -INFINITY; oi[e] = 0; }
-                continue;
-            }
-            int k = (int)std::min<int64_t>(kk, n);
-#define MT_RUN(M, DD) run_task<M, DD>(qb, kb, keys_bf16, n, (int)T, (int)D, q0, q1, k, os, oi, (int)kk)
-            if (mode == 0) { if (D == 64) MT_RUN(0, 64); else if (D == 128) MT_RUN(0, 128); else if (D == 32) MT_RUN(0, 32); else MT_RUN(0, 0); }
-            else { if (D == 64) MT_RUN(1, 64); else if (D == 128) MT_RUN(1, 128); else if (D == 32) MT_RUN(1, 32); else MT_RUN(1, 0); }
-#undef MT_RUN
+    parallel_tasks(B * H * qsplit, nthreads, [&](int64_t t) {
+        int64_t bh = t / qsplit, part = t % qsplit, b = bh / H;
+        int q0 = (int)std::min(T, part * per), q1 = (int)std::min(T, q0 + per);
+        if (q0 >= q1) return;
+        const char* qb = (const char*)q + (size_t)bh * T * D * qe;
+        const char* kb = (const char*)keys + (size_t)bh * NA * D * ke;
+        float* os = out_s + ((size_t)bh * T + q0) * kk; int64_t* oi = out_i + ((size_t)bh * T + q0) * kk;
+        int64_t n = std::min(counts[b], NA);
+        if (n <= 0) {
+            for (int64_t e = 0; e < (int64_t)(q1 - q0) * kk; e++) { os[e] = -INFINITY; oi[e] = 0; }
+            return;
         }
-    };
-    int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, ntask));
-    std::vector<std::thread> pool;
-    for (int t = 1; t < nt; t++) pool.emplace_back(worker);
-    worker();
-    for (auto& th : pool) th.join();
+        int k = (int)std::min<int64_t>(kk, n);
+#define MT_RUN(M, DD) run_task<M, DD>(qb, kb, keys_bf16, n, (int)T, (int)D, q0, q1, k, os, oi, (int)kk)
+        if (mode == 0) { if (D == 64) MT_RUN(0, 64); else if (D == 128) MT_RUN(0, 128); else if (D == 32) MT_RUN(0, 32); else MT_RUN(0, 0); }
+        else { if (D == 64) MT_RUN(1, 64); else if (D == 128) MT_RUN(1, 128); else if (D == 32) MT_RUN(1, 32); else MT_RUN(1, 0); }
+#undef MT_RUN
+    });
+    return 0;
+}
+
+int mt_available_i8() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma");
+}
+
+// int8 prefilter + exact rescoring. q: [B,H,T,D] fp32 (the operands of the exact score: bf16-rounded
+// queries for bf16 scores); keys: [B,H,NA,D] bf16 or fp32 ring; codes int8 [B,H,NA,D] and per-entry
+// scale, err (|k - scale*codes|), norm (|k|) fp32 and sum(codes) int32, all [B,H,NA]. D % 4 == 0.
+int mt_topk_i8(const float* q, const void* keys, int keys_bf16, const int8_t* codes, const float* kscale,
+               const float* kerr, const float* knorm, const int32_t* ksum, const int64_t* counts,
+               int64_t B, int64_t H, int64_t T, int64_t D, int64_t NA, int64_t kk, float* out_s, int64_t* out_i,
+               int nthreads) {
+    if (D % 4) return 1;
+    const int64_t qsplit = query_split(B, H, T, nthreads);
+    const int64_t per = ((T + qsplit - 1) / qsplit + QB - 1) / QB * QB;
+    const size_t ke = keys_bf16 ? 2 : 4;
+    parallel_tasks(B * H * qsplit, nthreads, [&](int64_t t) {
+        int64_t bh = t / qsplit, part = t % qsplit, b = bh / H;
+        int q0 = (int)std::min(T, part * per), q1 = (int)std::min(T, q0 + per);
+        if (q0 >= q1) return;
+        float* os = out_s + ((size_t)bh * T + q0) * kk; int64_t* oi = out_i + ((size_t)bh * T + q0) * kk;
+        int64_t n = std::min(counts[b], NA);
+        if (n <= 0) {
+            for (int64_t e = 0; e < (int64_t)(q1 - q0) * kk; e++) { os[e] = -INFINITY; oi[e] = 0; }
+            return;
+        }
+        int k = (int)std::min<int64_t>(kk, n);
+        const size_t e0 = (size_t)bh * NA;
+#define MT_RUN(DD) run_task_i8<DD>(q + (size_t)bh * T * D, (const char*)keys + e0 * D * ke, keys_bf16, codes + e0 * D, \
+            kscale + e0, kerr + e0, knorm + e0, ksum + e0, n, (int)D, q0, q1, k, os, oi, (int)kk)
+        if (D == 64) MT_RUN(64); else if (D == 128) MT_RUN(128); else if (D == 32) MT_RUN(32); else MT_RUN(0);
+#undef MT_RUN
+    });
     return 0;
 }
 
@@ -276,6 +519,10 @@ def _load():
             lib.mt_topk.restype = ctypes.c_int
             lib.mt_topk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p] + \
                 [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+            lib.mt_available_i8.restype = ctypes.c_int
+            lib.mt_topk_i8.restype = ctypes.c_int
+            lib.mt_topk_i8.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 6 + \
+                [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
             if not lib.mt_available():
                 raise RuntimeError("CPU lacks AVX-512 BF16")
             _lib = lib
@@ -294,6 +541,57 @@ def unavailable_reason() -> str | None:
     return _error
 
 
+def int8_available() -> bool:
+    """Whether the int8 (AVX-512 VNNI) prefilter can run on this CPU."""
+    return available() and bool(_lib.mt_available_i8())
+
+
+@dataclass
+class Int8Codes:
+    """int8 codes of a key ring for the prefilter: keys ~ scale * codes, per entry. err = |k - scale * codes|
+    and norm = |k| (computed in float64 from the stored codes) give the kernel its error bound."""
+    codes: torch.Tensor  # int8 [B, H, N, D]
+    scale: torch.Tensor  # fp32 [B, H, N]
+    err: torch.Tensor  # fp32 [B, H, N]
+    norm: torch.Tensor  # fp32 [B, H, N]
+    sum: torch.Tensor  # int32 [B, H, N], sum of codes (undoes the kernel's unsigned query offset)
+
+    @classmethod
+    def empty(cls, B: int, H: int, N: int, D: int) -> "Int8Codes":
+        f = lambda: torch.zeros(B, H, N)  # noqa: E731
+        return cls(torch.zeros(B, H, N, D, dtype=torch.int8), f(), f(), f(), torch.zeros(B, H, N, dtype=torch.int32))
+
+    @classmethod
+    def of(cls, keys: torch.Tensor, chunk: int = 8192) -> "Int8Codes":
+        """Codes of a whole ring [B, H, N, D], in chunks of entries (float64 temporaries stay small)."""
+        B, H, N, D = keys.shape
+        out = cls.empty(B, H, N, D)
+        for s in range(0, N, chunk):
+            out.set(slice(None), slice(s, s + chunk), keys[:, :, s:s + chunk])
+        return out
+
+    def set(self, slot, entries, keys: torch.Tensor) -> None:
+        """Encode keys [..., D] into self[slot, :, entries]."""
+        x = keys.detach().to(torch.float64)
+        amax = x.abs().amax(-1)
+        scale = (amax / 127).float()
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale)).double()
+        codes = torch.round(x / safe[..., None]).clamp_(-127, 127)
+        self.codes[slot, :, entries] = codes.to(torch.int8)
+        self.scale[slot, :, entries] = scale
+        self.err[slot, :, entries] = (x - codes * scale.double()[..., None]).norm(dim=-1).float()
+        self.norm[slot, :, entries] = x.norm(dim=-1).float()
+        self.sum[slot, :, entries] = codes.sum(-1).to(torch.int32)
+
+    @property
+    def entries(self) -> int:
+        return self.codes.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.err, self.norm, self.sum))
+
+
 def supports(keys: torch.Tensor, score_dtype: torch.dtype) -> bool:
     """Whether the kernel handles this ring (CPU, contiguous bf16/fp32 keys, even head_dim) and score dtype."""
     if keys.device.type != "cpu" or not keys.is_contiguous() or keys.shape[-1] % 2:
@@ -306,9 +604,11 @@ def supports(keys: torch.Tensor, score_dtype: torch.dtype) -> bool:
 
 
 def topk(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, k: int, score_dtype: torch.dtype,
-         threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+         threads: int | None = None, codes: Int8Codes | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Exact top-k of queries [B,H,T,D] against each slot's filled ring prefix keys[b, :, :counts[b]].
 
+    With `codes` (the ring's Int8Codes, head_dim % 4 == 0, VNNI CPU) an int8 prefilter drops the entries that
+    provably cannot enter the top-k and only the rest are scored exactly; the result is the same top-k.
     Returns (scores fp32 [B,H,T,k], ring indices int64 [B,H,T,k]) with -inf / 0 where a slot holds fewer
     than k entries, or None when the kernel cannot handle the inputs (the caller then falls back).
     """
@@ -316,13 +616,22 @@ def topk(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, k: int
         return None
     B, H, T, D = queries.shape
     mode = 0 if score_dtype == torch.bfloat16 else 1
-    q = queries.detach().to(torch.bfloat16 if mode == 0 else torch.float32).contiguous()
     counts = counts.to(torch.int64).contiguous()
     out_s = torch.empty(B, H, T, k, dtype=torch.float32)
     out_i = torch.empty(B, H, T, k, dtype=torch.int64)
+    nthreads = int(threads or torch.get_num_threads())
+    if codes is not None and D % 4 == 0 and codes.entries == keys.shape[2] and int8_available():
+        # exact scores use the same operands as the plain kernel: bf16-rounded queries in bf16 mode
+        q = queries.detach().to(torch.bfloat16 if mode == 0 else torch.float32).float().contiguous()
+        rc = _lib.mt_topk_i8(q.data_ptr(), keys.data_ptr(), int(keys.dtype == torch.bfloat16), codes.codes.data_ptr(),
+                             codes.scale.data_ptr(), codes.err.data_ptr(), codes.norm.data_ptr(), codes.sum.data_ptr(),
+                             counts.data_ptr(), B, H, T, D, keys.shape[2], k, out_s.data_ptr(), out_i.data_ptr(),
+                             nthreads)
+        return None if rc != 0 else (out_s, out_i)
+    q = queries.detach().to(torch.bfloat16 if mode == 0 else torch.float32).contiguous()
     rc = _lib.mt_topk(mode, q.data_ptr(), keys.data_ptr(), int(keys.dtype == torch.bfloat16), counts.data_ptr(),
                       B, H, T, D, keys.shape[2], k, out_s.data_ptr(), out_i.data_ptr(),
-                      int(threads or torch.get_num_threads()))
+                      nthreads)
     if rc != 0:
         return None
     return out_s, out_i
