@@ -214,7 +214,7 @@ def test_int8_codes_follow_the_ring():
             mem.reset([1])
         mem.search(q, 8)  # builds the codes on first use, then keeps them current
         want = fast_topk.Int8Codes.of(mem.keys)
-        for f in ("codes", "scale", "err", "norm", "sum"):
+        for f in ("codes", "scale", "offset", "err", "norm"):
             assert torch.equal(getattr(mem._codes, f), getattr(want, f)), (step, f)
     other = ExactMemory(2, 2, 16, 300, dtype=torch.bfloat16, prefilter="int8")
     other.load_state_dict(mem.state_dict())

@@ -236,10 +236,11 @@ struct Band {  // per query: candidates (f = a / s_q, ring index) within `margin
     int k, kp;  // kp: k rounded up to 16 lanes
     std::vector<float, Aligned64<float>> tops;  // [nq][kp]: the k best f so far (-inf until filled; pad lanes +inf)
     std::vector<float> kth, margin, thr;  // kth = min of tops; thr = kth - margin: entries with f <= thr are dropped
+    std::vector<float> inv;  // 1 / s_q
     std::vector<std::vector<Cand>> c;  // c[q][0, n[q]): the candidates; c[q].size() is the capacity
     std::vector<size_t> n;
     Band(int nq, int k_) : k(k_), kp((k_ + 15) / 16 * 16), tops((size_t)nq * kp), kth(nq, -INFINITY), margin(nq, 0.f),
-                           thr(nq, -INFINITY), c(nq, std::vector<Cand>(64)), n(nq, 0) {
+                           thr(nq, -INFINITY), inv(nq, 1.f), c(nq, std::vector<Cand>(64)), n(nq, 0) {
         for (int q = 0; q < nq; q++)
             for (int t = 0; t < kp; t++) tops[(size_t)q * kp + t] = t < k ? -INFINITY : INFINITY;
     }
@@ -251,23 +252,35 @@ struct Band {  // per query: candidates (f = a / s_q, ring index) within `margin
     }
     __attribute__((target("avx512f")))
     inline void push(int q, float f, int64_t i) {
-        // Branch-free: replace the first lane holding the k-th best with max(f, k-th best) (a no-op when f
-        // does not beat it), then take the new minimum over the k/16 vectors.
-        float* tp = &tops[(size_t)q * kp];
-        const __m512 old = _mm512_set1_ps(kth[q]), nv = _mm512_set1_ps(std::max(f, kth[q]));
-        __mmask16 done = 0;
-        __m512 mn = _mm512_set1_ps(INFINITY);
-        for (int t = 0; t < kp; t += 16) {
-            __m512 v = _mm512_load_ps(tp + t);
-            const __mmask16 eq = _mm512_cmp_ps_mask(v, old, _CMP_EQ_OQ) & (__mmask16)~(done ? 0xFFFF : 0);
-            const __mmask16 first = eq & (__mmask16)(-(int)eq);
-            v = _mm512_mask_mov_ps(v, first, nv);
-            done |= first;
-            _mm512_store_ps(tp + t, v);
-            mn = _mm512_min_ps(mn, v);
+        if (f > kth[q]) {  // replace the first lane holding the k-th best with f, then take the new minimum
+            float* tp = &tops[(size_t)q * kp];
+            const __m512 old = _mm512_set1_ps(kth[q]), nv = _mm512_set1_ps(f);
+            __m512 mn;
+            if (kp == 32) {  // the common k <= 32: two vectors, no loop
+                __m512 v0 = _mm512_load_ps(tp), v1 = _mm512_load_ps(tp + 16);
+                const uint32_t e = (uint32_t)_mm512_cmp_ps_mask(v0, old, _CMP_EQ_OQ) |
+                                   ((uint32_t)_mm512_cmp_ps_mask(v1, old, _CMP_EQ_OQ) << 16);
+                const uint32_t first = e & (0u - e);
+                v0 = _mm512_mask_mov_ps(v0, (__mmask16)first, nv);
+                v1 = _mm512_mask_mov_ps(v1, (__mmask16)(first >> 16), nv);
+                _mm512_store_ps(tp, v0); _mm512_store_ps(tp + 16, v1);
+                mn = _mm512_min_ps(v0, v1);
+            } else {
+                __mmask16 done = 0;
+                mn = _mm512_set1_ps(INFINITY);
+                for (int t = 0; t < kp; t += 16) {
+                    __m512 v = _mm512_load_ps(tp + t);
+                    const __mmask16 eq = done ? (__mmask16)0 : _mm512_cmp_ps_mask(v, old, _CMP_EQ_OQ);
+                    const __mmask16 first = eq & (__mmask16)(-(int)eq);
+                    v = _mm512_mask_mov_ps(v, first, nv);
+                    done |= first;
+                    _mm512_store_ps(tp + t, v);
+                    mn = _mm512_min_ps(mn, v);
+                }
+            }
+            kth[q] = _mm512_reduce_min_ps(mn);
+            thr[q] = std::max(thr[q], kth[q] - margin[q]);
         }
-        kth[q] = _mm512_reduce_min_ps(mn);
-        thr[q] = kth[q] - margin[q];
         c[q][n[q]++] = Cand{f, i};
         if (n[q] == c[q].size()) prune(q);
     }
@@ -288,19 +301,18 @@ void insert_band(Band& band, int qoff, const float* s, const uint32_t* masks, in
     MT_DPBUSD(c0_##t, x0, y); MT_DPBUSD(c1_##t, x1, y); }
 // In-place accumulate via asm: with the intrinsic GCC copied every accumulator each step (2x slower).
 #define MT_DPBUSD(acc, a, b) asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b))
-#define I8_CHK(t) if (NKT > t) { __m512 sc = _mm512_set1_ps(kscale[j + t]); __m512i off = _mm512_set1_epi32(128 * ksum[j + t]); \
-    c0_##t = _mm512_sub_epi32(c0_##t, off); c1_##t = _mm512_sub_epi32(c1_##t, off); \
-    f0_##t = _mm512_mul_ps(_mm512_cvtepi32_ps(c0_##t), sc); f1_##t = _mm512_mul_ps(_mm512_cvtepi32_ps(c1_##t), sc); \
+#define I8_CHK(t) if (NKT > t) { __m512 sc = _mm512_set1_ps(kscale[j + t]), off = _mm512_set1_ps(koff[j + t]); \
+    f0_##t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c0_##t), sc, off); f1_##t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c1_##t), sc, off); \
     masks[t] = (uint32_t)_mm512_cmp_ps_mask(f0_##t, thr0, _CMP_GT_OQ) | \
     ((uint32_t)_mm512_cmp_ps_mask(f1_##t, thr1, _CMP_GT_OQ) << 16); any |= masks[t]; }
 #define I8_ST(t) if (NKT > t) { _mm512_store_ps(buf + t * 32, f0_##t); _mm512_store_ps(buf + t * 32 + 16, f1_##t); }
 #define I8_ALL(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8) M(9) M(10) M(11)
 
 // One tile: 32 queries (u8 codes + 128, two 16-lane blocks of [W][16] words) x NKT int8 keys from row j.
-// Subtracting 128 * sum(khat) undoes the +128 offset that makes the query codes unsigned.
+// The per-key offset -128 * sum(khat) * s_k undoes the +128 that makes the query codes unsigned.
 template <int NKT, int DD>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma"), always_inline)) inline
-void tile_i8(const uint32_t* qa, const uint32_t* qb, const int8_t* codes, const float* kscale, const int32_t* ksum,
+void tile_i8(const uint32_t* qa, const uint32_t* qb, const int8_t* codes, const float* kscale, const float* koff,
              int Drt, int64_t j, Band& band, int qoff, __m512& thr0, __m512& thr1) {
     const int D = DD ? DD : Drt, W = D / 4;
     const uint32_t* kw = (const uint32_t*)(codes + (size_t)j * D);
@@ -320,10 +332,11 @@ void tile_i8(const uint32_t* qa, const uint32_t* qb, const int8_t* codes, const 
     }
 }
 
+
 template <int DD>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
 void run_task_i8(const float* q, const void* keys, int keys_bf16, const int8_t* codes, const float* kscale,
-                 const float* kerr, const float* knorm, const int32_t* ksum, int64_t n, int D, int q0, int q1,
+                 const float* kerr, const float* knorm, const float* koff, int64_t n, int D, int q0, int q1,
                  int k, float* out_s, int64_t* out_i, int kk) {
     const int nq = q1 - q0, nb = (nq + QB - 1) / QB, W = D / 4, NQ = nb * QB;
     double maxe = 0, maxn = 0;
@@ -344,8 +357,12 @@ void run_task_i8(const float* q, const void* keys, int keys_bf16, const int8_t* 
             double r = (double)xt[d] - (double)s * c;
             e2 += r * r; n2 += (double)xt[d] * xt[d];
         }
-        const double nx = sqrt(n2), E = (nx * maxe + (maxn + maxe) * sqrt(e2)) * (1 + 1e-4) + 1e-5 * nx * maxn + 1e-30;
-        band.margin[t] = (float)(2 * E / s);  // in units of f = a / s_q
+        // 1e-4 |x| max|k| covers the rounding of the exact scores and of the thresholds
+        const double nx = sqrt(n2), E = (nx * maxe + (maxn + maxe) * sqrt(e2)) * (1 + 1e-4) + 1e-4 * nx * maxn + 1e-30;
+        // in units of f = a / s_q, plus the fp32 rounding of f itself: |f| <= 3.2e6 s_k with s_k <= max|k| / 127,
+        // so one rounding of the offset and one of the fma stay below 2 * 2^-24 * 3.2e6 / 127 max|k| < 0.01 max|k|
+        band.margin[t] = (float)(2 * E / s + 0.02 * maxn);
+        band.inv[t] = 1.f / s;
     }
     for (int t = nq; t < NQ; t++) band.thr[t] = INFINITY;
     const int64_t KC = 4096;
@@ -357,25 +374,43 @@ void run_task_i8(const float* q, const void* keys, int keys_bf16, const int8_t* 
             const uint32_t* qc = &qp[(size_t)(2 * b + 1) * W * 16];
             __m512 thr0 = _mm512_loadu_ps(&band.thr[b * QB]), thr1 = _mm512_loadu_ps(&band.thr[b * QB + 16]);
             int64_t j = c0;
-            for (; j + NK8 <= c1; j += NK8) tile_i8<NK8, DD>(qa, qc, codes, kscale, ksum, D, j, band, b * QB, thr0, thr1);
-            for (; j < c1; j++) tile_i8<1, DD>(qa, qc, codes, kscale, ksum, D, j, band, b * QB, thr0, thr1);
+            for (; j + NK8 <= c1; j += NK8) tile_i8<NK8, DD>(qa, qc, codes, kscale, koff, D, j, band, b * QB, thr0, thr1);
+            for (; j < c1; j++) tile_i8<1, DD>(qa, qc, codes, kscale, koff, D, j, band, b * QB, thr0, thr1);
         }
     }
-    std::vector<Cand> ex;
+    // Pass 2 in two steps: the k entries with the best f are scored exactly first; their k-th best exact
+    // score lb is a lower bound on the final k-th best, so a survivor needs its exact score only if its
+    // upper bound s_q (f + margin / 2) reaches lb. That halves the rescoring when the band is crowded.
+    std::vector<Cand> ex, rest;
     const size_t row = (size_t)D * (keys_bf16 ? 2 : 4);
-    for (int t = 0; t < nq; t++) {  // pass 2: exact scores of the survivors, best kk descending
-        const float thr = band.thr[t];
-        ex.clear();
-        for (size_t u = 0; u < band.n[t]; u++)
-            if (const Cand& e = band.c[t][u]; e.s > thr) ex.push_back(e);
-        const float* xt = q + (size_t)(q0 + t) * D;
-        for (size_t u = 0; u < ex.size(); u++) {  // survivors' rows are scattered over the ring: prefetch ahead
-            if (u + 8 < ex.size()) {
-                const char* p = (const char*)keys + (size_t)ex[u + 8].i * row;
-                for (size_t o = 0; o < row; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
-            }
-            ex[u].s = dot_exact(xt, keys, keys_bf16, ex[u].i, D);
+    for (int t = 0; t < nq; t++) {
+        const float thr = band.thr[t], kth = band.kth[t];
+        ex.clear(); rest.clear();
+        for (size_t u = 0; u < band.n[t]; u++) {
+            const Cand& e = band.c[t][u];
+            if (e.s >= kth) ex.push_back(e);
+            else if (e.s > thr) rest.push_back(e);
         }
+        const float* xt = q + (size_t)(q0 + t) * D;
+        auto rescore = [&](std::vector<Cand>& v, size_t from) {  // rows are scattered over the ring: prefetch
+            for (size_t u = from; u < v.size(); u++) {
+                if (u + 8 < v.size()) {
+                    const char* p = (const char*)keys + (size_t)v[u + 8].i * row;
+                    for (size_t o = 0; o < row; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+                }
+                v[u].s = dot_exact(xt, keys, keys_bf16, v[u].i, D);
+            }
+        };
+        rescore(ex, 0);
+        const size_t first = ex.size();
+        if ((int)ex.size() >= k) {
+            std::nth_element(ex.begin(), ex.begin() + (k - 1), ex.end(), Better());
+            const float cut = ex[k - 1].s * band.inv[t] - 0.5f * band.margin[t];
+            for (const Cand& e : rest) if (e.s >= cut) ex.push_back(e);
+        } else {
+            ex.insert(ex.end(), rest.begin(), rest.end());
+        }
+        rescore(ex, first);
         const int r = std::min((int)ex.size(), kk);
         if (r > 0 && r < (int)ex.size()) std::nth_element(ex.begin(), ex.begin() + (r - 1), ex.end(), Better());
         std::sort(ex.begin(), ex.begin() + r, Better());
@@ -449,9 +484,9 @@ int mt_available_i8() {
 
 // int8 prefilter + exact rescoring. q: [B,H,T,D] fp32 (the operands of the exact score: bf16-rounded
 // queries for bf16 scores); keys: [B,H,NA,D] bf16 or fp32 ring; codes int8 [B,H,NA,D] and per-entry
-// scale, err (|k - scale*codes|), norm (|k|) fp32 and sum(codes) int32, all [B,H,NA]. D % 4 == 0.
+// scale, err (|k - scale*codes|), norm (|k|) and offset (-128 * sum(codes) * scale), fp32 [B,H,NA]. D % 4 == 0.
 int mt_topk_i8(const float* q, const void* keys, int keys_bf16, const int8_t* codes, const float* kscale,
-               const float* kerr, const float* knorm, const int32_t* ksum, const int64_t* counts,
+               const float* kerr, const float* knorm, const float* koff, const int64_t* counts,
                int64_t B, int64_t H, int64_t T, int64_t D, int64_t NA, int64_t kk, float* out_s, int64_t* out_i,
                int nthreads) {
     if (D % 4) return 1;
@@ -471,7 +506,7 @@ int mt_topk_i8(const float* q, const void* keys, int keys_bf16, const int8_t* co
         int k = (int)std::min<int64_t>(kk, n);
         const size_t e0 = (size_t)bh * NA;
 #define MT_RUN(DD) run_task_i8<DD>(q + (size_t)bh * T * D, (const char*)keys + e0 * D * ke, keys_bf16, codes + e0 * D, \
-            kscale + e0, kerr + e0, knorm + e0, ksum + e0, n, (int)D, q0, q1, k, os, oi, (int)kk)
+            kscale + e0, kerr + e0, knorm + e0, koff + e0, n, (int)D, q0, q1, k, os, oi, (int)kk)
         if (D == 64) MT_RUN(64); else if (D == 128) MT_RUN(128); else if (D == 32) MT_RUN(32); else MT_RUN(0);
 #undef MT_RUN
     });
@@ -552,14 +587,14 @@ class Int8Codes:
     and norm = |k| (computed in float64 from the stored codes) give the kernel its error bound."""
     codes: torch.Tensor  # int8 [B, H, N, D]
     scale: torch.Tensor  # fp32 [B, H, N]
+    offset: torch.Tensor  # fp32 [B, H, N]: -128 * sum(codes) * scale, undoes the kernel's unsigned query codes
     err: torch.Tensor  # fp32 [B, H, N]
     norm: torch.Tensor  # fp32 [B, H, N]
-    sum: torch.Tensor  # int32 [B, H, N], sum of codes (undoes the kernel's unsigned query offset)
 
     @classmethod
     def empty(cls, B: int, H: int, N: int, D: int) -> "Int8Codes":
         f = lambda: torch.zeros(B, H, N)  # noqa: E731
-        return cls(torch.zeros(B, H, N, D, dtype=torch.int8), f(), f(), f(), torch.zeros(B, H, N, dtype=torch.int32))
+        return cls(torch.zeros(B, H, N, D, dtype=torch.int8), f(), f(), f(), f())
 
     @classmethod
     def of(cls, keys: torch.Tensor, chunk: int = 8192) -> "Int8Codes":
@@ -581,7 +616,7 @@ class Int8Codes:
         self.scale[slot, :, entries] = scale
         self.err[slot, :, entries] = (x - codes * scale.double()[..., None]).norm(dim=-1).float()
         self.norm[slot, :, entries] = x.norm(dim=-1).float()
-        self.sum[slot, :, entries] = codes.sum(-1).to(torch.int32)
+        self.offset[slot, :, entries] = (-128 * codes.sum(-1) * scale.double()).float()
 
     @property
     def entries(self) -> int:
@@ -589,7 +624,7 @@ class Int8Codes:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.err, self.norm, self.sum))
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.offset, self.err, self.norm))
 
 
 def supports(keys: torch.Tensor, score_dtype: torch.dtype) -> bool:
@@ -624,7 +659,7 @@ def topk(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, k: int
         # exact scores use the same operands as the plain kernel: bf16-rounded queries in bf16 mode
         q = queries.detach().to(torch.bfloat16 if mode == 0 else torch.float32).float().contiguous()
         rc = _lib.mt_topk_i8(q.data_ptr(), keys.data_ptr(), int(keys.dtype == torch.bfloat16), codes.codes.data_ptr(),
-                             codes.scale.data_ptr(), codes.err.data_ptr(), codes.norm.data_ptr(), codes.sum.data_ptr(),
+                             codes.scale.data_ptr(), codes.err.data_ptr(), codes.norm.data_ptr(), codes.offset.data_ptr(),
                              counts.data_ptr(), B, H, T, D, keys.shape[2], k, out_s.data_ptr(), out_i.data_ptr(),
                              nthreads)
         return None if rc != 0 else (out_s, out_i)
