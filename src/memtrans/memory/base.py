@@ -130,13 +130,14 @@ class MemoryBackend:
             valid = torch.cat([valid, valid.new_zeros(B, H, T, pad)], -1)
         if self.keys.shape[2] == 0:
             self._grow(1)
-        # Row gathers with index_select (contiguous D-wide rows) instead of gather over an expanded index,
-        # which was ~8 ns per element and cost more than the search itself at 8K entries.
+        # Row gathers (contiguous D-wide rows) instead of gather over an expanded index, which was ~8 ns per
+        # element and cost more than the search itself at 8K entries; on CPU a prefetching copy (gather_rows).
+        from memtrans.memory.fast_topk import gather_rows
         n = self.keys.shape[2]
         bh = torch.arange(B * H, device=self.device).view(B, H, 1) * n
         rows = (bh + idx.reshape(B, H, T * k)).reshape(-1)
-        keys = self.keys.reshape(B * H * n, D).index_select(0, rows).view(B, H, T, k, D)
-        values = self.values.reshape(B * H * n, D).index_select(0, rows).view(B, H, T, k, D)
+        keys = gather_rows(self.keys.reshape(B * H * n, D), rows).view(B, H, T, k, D)
+        values = gather_rows(self.values.reshape(B * H * n, D), rows).view(B, H, T, k, D)
         prow = (torch.arange(B, device=self.device).view(B, 1, 1) * n + idx.reshape(B, H, T * k)).reshape(-1)
         pos = self.positions.reshape(-1).index_select(0, prow).view(B, H, T, k)
         pos = torch.where(valid, pos, torch.full_like(pos, -1))

@@ -75,7 +75,7 @@ class ExactMemory(MemoryBackend):
             self._codes = None
             return
         for b in range(idx.shape[0]):
-            self._codes.set(b, idx[b], self.keys[b][:, idx[b]])
+            self._codes.update(self.keys, b, idx[b])
 
     def load_state_dict(self, d: dict) -> None:
         super().load_state_dict(d)

@@ -52,12 +52,7 @@ namespace {
 
 const int QB = 32;     // queries per register tile (2 x 16 lanes)
 const int NK = 12;     // keys per register tile
-#ifndef MT_NK8
-#define MT_NK8 12
-#endif
-#ifndef MT_BAND
-#define MT_BAND 4
-#endif
+const int GROUP = 12;  // int8 prefilter: keys per tile and per shared code scale (memtrans.memory.fast_topk.GROUP)
 
 struct Cand { float s; int64_t i; };
 struct Better { bool operator()(const Cand& a, const Cand& b) const { return a.s > b.s || (a.s == b.s && a.i < b.i); } };
@@ -286,34 +281,49 @@ struct Band {  // per query: candidates (f = a / s_q, ring index) within `margin
     }
 };
 
+// Rare path: lanes that passed the integer pre-compare. acc holds [NKT][32] accumulators; f is computed
+// exactly as the kernel defines it and checked against the (float) threshold before the push.
 __attribute__((noinline))
-void insert_band(Band& band, int qoff, const float* s, const uint32_t* masks, int nkt, int64_t j0) {
+void insert_band(Band& band, int qoff, const int32_t* acc, const int32_t* cq, float sg, const uint32_t* masks,
+                 int nkt, int64_t j0) {
     for (int t = 0; t < nkt; t++) {
         for (uint32_t m = masks[t]; m; m &= m - 1) {
-            int l = __builtin_ctz(m), q = qoff + l;
-            if (s[t * 32 + l] > band.thr[q]) band.push(q, s[t * 32 + l], j0 + t);
+            const int l = __builtin_ctz(m), q = qoff + l;
+            const float f = sg * (float)(acc[t * 32 + l] - cq[q]);
+            if (f > band.thr[q]) band.push(q, f, j0 + t);
         }
     }
 }
 
-#define I8_DECL(t) __m512i c0_##t = _mm512_setzero_si512(), c1_##t = _mm512_setzero_si512(); __m512 f0_##t, f1_##t;
+#define I8_DECL(t) __m512i c0_##t = _mm512_setzero_si512(), c1_##t = _mm512_setzero_si512();
 #define I8_DP(t) if (NKT > t) { __m512i y = _mm512_set1_epi32((int)kw[(t) * W + w]); \
-    MT_DPBUSD(c0_##t, x0, y); MT_DPBUSD(c1_##t, x1, y); }
+    MT_DPBUSD(c0_##t, y, x0); MT_DPBUSD(c1_##t, y, x1); }
 // In-place accumulate via asm: with the intrinsic GCC copied every accumulator each step (2x slower).
-#define MT_DPBUSD(acc, a, b) asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b))
-#define I8_CHK(t) if (NKT > t) { __m512 sc = _mm512_set1_ps(kscale[j + t]), off = _mm512_set1_ps(koff[j + t]); \
-    f0_##t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c0_##t), sc, off); f1_##t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c1_##t), sc, off); \
-    masks[t] = (uint32_t)_mm512_cmp_ps_mask(f0_##t, thr0, _CMP_GT_OQ) | \
-    ((uint32_t)_mm512_cmp_ps_mask(f1_##t, thr1, _CMP_GT_OQ) << 16); any |= masks[t]; }
-#define I8_ST(t) if (NKT > t) { _mm512_store_ps(buf + t * 32, f0_##t); _mm512_store_ps(buf + t * 32 + 16, f1_##t); }
+// Operand order (AT&T): vpdpbusd s8, u8, acc; here u8 = the key codes (+128), s8 = the query codes.
+#define MT_DPBUSD(acc, u8, s8) asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8))
+#define I8_CHK(t) if (NKT > t) { masks[t] = (uint32_t)_mm512_cmpgt_epi32_mask(c0_##t, th0) | \
+    ((uint32_t)_mm512_cmpgt_epi32_mask(c1_##t, th1) << 16); any |= masks[t]; }
+#define I8_ST(t) if (NKT > t) { _mm512_store_si512(buf + t * 32, c0_##t); _mm512_store_si512(buf + t * 32 + 16, c1_##t); }
 #define I8_ALL(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8) M(9) M(10) M(11)
 
-// One tile: 32 queries (u8 codes + 128, two 16-lane blocks of [W][16] words) x NKT int8 keys from row j.
-// The per-key offset -128 * sum(khat) * s_k undoes the +128 that makes the query codes unsigned.
+// Integer threshold: f = s_g (acc - cq) > thr  <=>  acc > thr / s_g + cq. Rounded down, less one and a
+// relative 2^-20 (covering fp32 rounding), and clamped: it may admit a few extra lanes (insert_band then
+// checks f itself), never drop one. thr = -inf admits everything, +inf (padding) nothing.
+__attribute__((target("avx512f"), always_inline)) inline
+__m512i int_threshold(__m512 thr, __m512 inv_sg, __m512 cqf) {
+    __m512 t = _mm512_fmadd_ps(thr, inv_sg, cqf);
+    t = _mm512_sub_ps(t, _mm512_fmadd_ps(_mm512_abs_ps(t), _mm512_set1_ps(1.f / (1 << 20)), _mm512_set1_ps(1.f)));
+    t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-2.0e9f)), _mm512_set1_ps(2.0e9f));
+    return _mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+}
+
+// One tile: 32 queries (s8 codes, two 16-lane blocks of [W][16] words) x NKT keys (u8 codes = khat + 128)
+// from row j, all in one scale group (j is a multiple of GROUP, or NKT == 1). acc = qhat.khat + cq with
+// cq = 128 sum(qhat) per query, so f = s_g (acc - cq).
 template <int NKT, int DD>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma"), always_inline)) inline
-void tile_i8(const uint32_t* qa, const uint32_t* qb, const int8_t* codes, const float* kscale, const float* koff,
-             int Drt, int64_t j, Band& band, int qoff, __m512& thr0, __m512& thr1) {
+void tile_i8(const uint32_t* qa, const uint32_t* qb, const uint8_t* codes, const float* kscale, int Drt, int64_t j,
+             Band& band, const int32_t* cq, int qoff, __m512 thr0, __m512 thr1, __m512 cqf0, __m512 cqf1) {
     const int D = DD ? DD : Drt, W = D / 4;
     const uint32_t* kw = (const uint32_t*)(codes + (size_t)j * D);
     I8_ALL(I8_DECL)
@@ -322,27 +332,31 @@ void tile_i8(const uint32_t* qa, const uint32_t* qb, const int8_t* codes, const 
         __m512i x0 = _mm512_loadu_si512(qa + w * 16), x1 = _mm512_loadu_si512(qb + w * 16);
         I8_ALL(I8_DP)
     }
+    const float sg = kscale[j];
+    const __m512 inv = _mm512_set1_ps(1.f / sg);
+    const __m512i th0 = int_threshold(thr0, inv, cqf0), th1 = int_threshold(thr1, inv, cqf1);
     uint32_t masks[NKT], any = 0;
     I8_ALL(I8_CHK)
     if (__builtin_expect(any != 0, 0)) {
-        alignas(64) float buf[NKT * 32];
+        alignas(64) int32_t buf[NKT * 32];
         I8_ALL(I8_ST)
-        insert_band(band, qoff, buf, masks, NKT, j);
-        thr0 = _mm512_loadu_ps(&band.thr[qoff]); thr1 = _mm512_loadu_ps(&band.thr[qoff + 16]);
+        insert_band(band, qoff, buf, cq, sg, masks, NKT, j);
     }
 }
 
-
 template <int DD>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
-void run_task_i8(const float* q, const void* keys, int keys_bf16, const int8_t* codes, const float* kscale,
-                 const float* kerr, const float* knorm, const float* koff, int64_t n, int D, int q0, int q1,
+void run_task_i8(const float* q, const void* keys, int keys_bf16, const uint8_t* codes, const float* kscale,
+                 const float* kerr, const float* knorm, int64_t n, int D, int q0, int q1,
                  int k, float* out_s, int64_t* out_i, int kk) {
     const int nq = q1 - q0, nb = (nq + QB - 1) / QB, W = D / 4, NQ = nb * QB;
-    double maxe = 0, maxn = 0;
-    for (int64_t j = 0; j < n; j++) { maxe = std::max(maxe, (double)kerr[j]); maxn = std::max(maxn, (double)knorm[j]); }
-    std::vector<uint32_t> qp((size_t)NQ * W, 0x80808080u);  // [block16][W][16]; padded lanes: code 0
-    uint8_t* qb8 = (uint8_t*)qp.data();
+    double maxe = 0, maxn = 0, maxs = 0;
+    for (int64_t j = 0; j < n; j++) {
+        maxe = std::max(maxe, (double)kerr[j]); maxn = std::max(maxn, (double)knorm[j]); maxs = std::max(maxs, (double)kscale[j]);
+    }
+    std::vector<uint32_t> qp((size_t)NQ * W, 0u);  // [block16][W][16] s8 query codes; padded lanes: 0
+    int8_t* qb8 = (int8_t*)qp.data();
+    std::vector<int32_t> cq(NQ, 0);
     Band band(NQ, k);
     for (int t = 0; t < nq; t++) {
         const float* xt = q + (size_t)(q0 + t) * D;
@@ -350,32 +364,39 @@ void run_task_i8(const float* q, const void* keys, int keys_bf16, const int8_t* 
         for (int d = 0; d < D; d++) m = std::max(m, (double)fabsf(xt[d]));
         const float s = m > 0 ? (float)(m / 127.0) : 1.f;
         const int blk = t / 16, lane = t % 16;
+        int sum = 0;
         for (int d = 0; d < D; d++) {
             int c = (int)nearbyintf(xt[d] / s);
             c = std::max(-127, std::min(127, c));
-            qb8[(((size_t)blk * W + d / 4) * 16 + lane) * 4 + d % 4] = (uint8_t)(c + 128);
+            qb8[(((size_t)blk * W + d / 4) * 16 + lane) * 4 + d % 4] = (int8_t)c;
+            sum += c;
             double r = (double)xt[d] - (double)s * c;
             e2 += r * r; n2 += (double)xt[d] * xt[d];
         }
+        cq[t] = 128 * sum;
         // 1e-4 |x| max|k| covers the rounding of the exact scores and of the thresholds
         const double nx = sqrt(n2), E = (nx * maxe + (maxn + maxe) * sqrt(e2)) * (1 + 1e-4) + 1e-4 * nx * maxn + 1e-30;
-        // in units of f = a / s_q, plus the fp32 rounding of f itself: |f| <= 3.2e6 s_k with s_k <= max|k| / 127,
-        // so one rounding of the offset and one of the fma stay below 2 * 2^-24 * 3.2e6 / 127 max|k| < 0.01 max|k|
-        band.margin[t] = (float)(2 * E / s + 0.02 * maxn);
+        // in units of f = a / s_q, plus the fp32 rounding of f = s_g * (acc - cq) (|acc - cq| < 2^21, exact
+        // in fp32; one rounding of the product: < 2^-24 * 2^21 * max s_g = max s_g / 8)
+        band.margin[t] = (float)(2 * E / s + 0.25 * maxs);
         band.inv[t] = 1.f / s;
     }
     for (int t = nq; t < NQ; t++) band.thr[t] = INFINITY;
-    const int64_t KC = 4096;
-    constexpr int NK8 = MT_NK8;
+    const int64_t KC = 4092;  // a multiple of GROUP (12): every full tile lies in one scale group
     for (int64_t c0 = 0; c0 < n; c0 += KC) {
         const int64_t c1 = std::min(n, c0 + KC);
         for (int b = 0; b < nb; b++) {
             const uint32_t* qa = &qp[(size_t)(2 * b) * W * 16];
             const uint32_t* qc = &qp[(size_t)(2 * b + 1) * W * 16];
-            __m512 thr0 = _mm512_loadu_ps(&band.thr[b * QB]), thr1 = _mm512_loadu_ps(&band.thr[b * QB + 16]);
+            const __m512 cqf0 = _mm512_cvtepi32_ps(_mm512_loadu_si512(&cq[b * QB])),
+                         cqf1 = _mm512_cvtepi32_ps(_mm512_loadu_si512(&cq[b * QB + 16]));
             int64_t j = c0;
-            for (; j + NK8 <= c1; j += NK8) tile_i8<NK8, DD>(qa, qc, codes, kscale, koff, D, j, band, b * QB, thr0, thr1);
-            for (; j < c1; j++) tile_i8<1, DD>(qa, qc, codes, kscale, koff, D, j, band, b * QB, thr0, thr1);
+            for (; j + GROUP <= c1; j += GROUP)
+                tile_i8<GROUP, DD>(qa, qc, codes, kscale, D, j, band, cq.data(), b * QB, _mm512_loadu_ps(&band.thr[b * QB]),
+                                   _mm512_loadu_ps(&band.thr[b * QB + 16]), cqf0, cqf1);
+            for (; j < c1; j++)
+                tile_i8<1, DD>(qa, qc, codes, kscale, D, j, band, cq.data(), b * QB, _mm512_loadu_ps(&band.thr[b * QB]),
+                               _mm512_loadu_ps(&band.thr[b * QB + 16]), cqf0, cqf1);
         }
     }
     // Pass 2 in two steps: the k entries with the best f are scored exactly first; their k-th best exact
@@ -476,6 +497,19 @@ int mt_topk(int mode, const void* q, const void* keys, int keys_bf16, const int6
     return 0;
 }
 
+// dst[i] = src[rows[i]] for rows of row_bytes bytes, prefetching ahead: the retrieved rows are scattered over
+// the ring, and torch.index_select spent ~38 ns per 128-byte row on them (more than a search at 8K entries).
+void mt_gather_rows(const char* src, const int64_t* rows, int64_t n, int64_t row_bytes, char* dst) {
+    const int64_t ahead = 128;
+    for (int64_t i = 0; i < n; i++) {
+        if (i + ahead < n) {
+            const char* p = src + rows[i + ahead] * row_bytes;
+            for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+        }
+        memcpy(dst + i * row_bytes, src + rows[i] * row_bytes, (size_t)row_bytes);
+    }
+}
+
 int mt_available_i8() {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -484,9 +518,10 @@ int mt_available_i8() {
 
 // int8 prefilter + exact rescoring. q: [B,H,T,D] fp32 (the operands of the exact score: bf16-rounded
 // queries for bf16 scores); keys: [B,H,NA,D] bf16 or fp32 ring; codes int8 [B,H,NA,D] and per-entry
-// scale, err (|k - scale*codes|), norm (|k|) and offset (-128 * sum(codes) * scale), fp32 [B,H,NA]. D % 4 == 0.
-int mt_topk_i8(const float* q, const void* keys, int keys_bf16, const int8_t* codes, const float* kscale,
-               const float* kerr, const float* knorm, const float* koff, const int64_t* counts,
+// scale (shared by each group of GROUP entries), err (|k - scale*codes|) and norm (|k|), fp32 [B,H,NA]; codes are
+// uint8 khat + 128. D % 4 == 0.
+int mt_topk_i8(const float* q, const void* keys, int keys_bf16, const uint8_t* codes, const float* kscale,
+               const float* kerr, const float* knorm, const int64_t* counts,
                int64_t B, int64_t H, int64_t T, int64_t D, int64_t NA, int64_t kk, float* out_s, int64_t* out_i,
                int nthreads) {
     if (D % 4) return 1;
@@ -506,7 +541,7 @@ int mt_topk_i8(const float* q, const void* keys, int keys_bf16, const int8_t* co
         int k = (int)std::min<int64_t>(kk, n);
         const size_t e0 = (size_t)bh * NA;
 #define MT_RUN(DD) run_task_i8<DD>(q + (size_t)bh * T * D, (const char*)keys + e0 * D * ke, keys_bf16, codes + e0 * D, \
-            kscale + e0, kerr + e0, knorm + e0, koff + e0, n, (int)D, q0, q1, k, os, oi, (int)kk)
+            kscale + e0, kerr + e0, knorm + e0, n, (int)D, q0, q1, k, os, oi, (int)kk)
         if (D == 64) MT_RUN(64); else if (D == 128) MT_RUN(128); else if (D == 32) MT_RUN(32); else MT_RUN(0);
 #undef MT_RUN
     });
@@ -556,8 +591,10 @@ def _load():
                 [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
             lib.mt_available_i8.restype = ctypes.c_int
             lib.mt_topk_i8.restype = ctypes.c_int
-            lib.mt_topk_i8.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 6 + \
+            lib.mt_topk_i8.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5 + \
                 [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+            lib.mt_gather_rows.restype = None
+            lib.mt_gather_rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
             if not lib.mt_available():
                 raise RuntimeError("CPU lacks AVX-512 BF16")
             _lib = lib
@@ -576,47 +613,84 @@ def unavailable_reason() -> str | None:
     return _error
 
 
+def gather_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """table[rows] for a contiguous CPU table [R, ...] and int64 row ids: the kernel's prefetching copy where it
+    is built (3-6x faster than index_select on scattered rows here), else index_select."""
+    rows = rows.to(torch.int64).contiguous()
+    if table.device.type != "cpu" or not table.is_contiguous() or rows.device.type != "cpu" or _load() is None:
+        return table.index_select(0, rows)
+    out = torch.empty((rows.numel(),) + tuple(table.shape[1:]), dtype=table.dtype)
+    if rows.numel():
+        if int(rows.min()) < 0 or int(rows.max()) >= table.shape[0]:
+            raise IndexError(f"row ids must lie in [0, {table.shape[0]}), got [{int(rows.min())}, {int(rows.max())}]")
+        _lib.mt_gather_rows(table.data_ptr(), rows.data_ptr(), rows.numel(), table[0].numel() * table.element_size(),
+                            out.data_ptr())
+    return out
+
+
 def int8_available() -> bool:
     """Whether the int8 (AVX-512 VNNI) prefilter can run on this CPU."""
     return available() and bool(_lib.mt_available_i8())
 
 
+GROUP = 12  # entries per shared code scale; equals the kernel's tile width (GROUP in _SRC)
+
+
 @dataclass
 class Int8Codes:
-    """int8 codes of a key ring for the prefilter: keys ~ scale * codes, per entry. err = |k - scale * codes|
-    and norm = |k| (computed in float64 from the stored codes) give the kernel its error bound."""
-    codes: torch.Tensor  # int8 [B, H, N, D]
-    scale: torch.Tensor  # fp32 [B, H, N]
-    offset: torch.Tensor  # fp32 [B, H, N]: -128 * sum(codes) * scale, undoes the kernel's unsigned query codes
+    """int8 codes of a key ring for the prefilter: k ~ scale * (codes - 128), one scale per group of GROUP
+    ring entries [GROUP*g, GROUP*g + GROUP) (so a kernel tile compares integers against one threshold).
+    err = |k - scale * (codes - 128)| and norm = |k|, computed (in fp32) from the stored codes, give the
+    kernel its error bound; they do not depend on how the scale was chosen, so stale entries in a group only
+    cost precision, never correctness."""
+    codes: torch.Tensor  # uint8 [B, H, N, D]: khat + 128
+    scale: torch.Tensor  # fp32 [B, H, N], equal within a group
     err: torch.Tensor  # fp32 [B, H, N]
     norm: torch.Tensor  # fp32 [B, H, N]
 
     @classmethod
-    def empty(cls, B: int, H: int, N: int, D: int) -> "Int8Codes":
-        f = lambda: torch.zeros(B, H, N)  # noqa: E731
-        return cls(torch.zeros(B, H, N, D, dtype=torch.int8), f(), f(), f(), f())
-
-    @classmethod
-    def of(cls, keys: torch.Tensor, chunk: int = 8192) -> "Int8Codes":
-        """Codes of a whole ring [B, H, N, D], in chunks of entries (float64 temporaries stay small)."""
+    def of(cls, keys: torch.Tensor, chunk_groups: int = 2048) -> "Int8Codes":
+        """Codes of a whole ring [B, H, N, D]."""
         B, H, N, D = keys.shape
-        out = cls.empty(B, H, N, D)
-        for s in range(0, N, chunk):
-            out.set(slice(None), slice(s, s + chunk), keys[:, :, s:s + chunk])
+        f = lambda: torch.zeros(B, H, N)  # noqa: E731
+        out = cls(torch.zeros(B, H, N, D, dtype=torch.uint8), f(), f(), f())
+        step = chunk_groups * GROUP  # temporaries stay small
+        for s in range(0, N, step):
+            e = min(N, s + step)
+            out._encode(keys[:, :, s:e], slice(None), slice(s, e))
         return out
 
-    def set(self, slot, entries, keys: torch.Tensor) -> None:
-        """Encode keys [..., D] into self[slot, :, entries]."""
-        x = keys.detach().to(torch.float64)
-        amax = x.abs().amax(-1)
-        scale = (amax / 127).float()
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale)).double()
-        codes = torch.round(x / safe[..., None]).clamp_(-127, 127)
-        self.codes[slot, :, entries] = codes.to(torch.int8)
-        self.scale[slot, :, entries] = scale
-        self.err[slot, :, entries] = (x - codes * scale.double()[..., None]).norm(dim=-1).float()
-        self.norm[slot, :, entries] = x.norm(dim=-1).float()
-        self.offset[slot, :, entries] = (-128 * codes.sum(-1) * scale.double()).float()
+    def refresh(self, keys: torch.Tensor, slot: int, groups: torch.Tensor) -> None:
+        """Re-encode whole groups (ids [G']) of slot `slot` from the ring keys [B, H, N, D]."""
+        N = keys.shape[2]
+        ent = (groups[:, None] * GROUP + torch.arange(GROUP)).clamp_(max=N - 1).reshape(-1)  # last group may be short
+        self._encode(keys[slot][:, ent].unsqueeze(0), slot, ent)
+
+    def _encode(self, x: torch.Tensor, slot, ent) -> None:
+        """Encode x [b, H, n, D] (n entries starting at a group boundary; a short last group is padded by
+        repeating its last entry) into self[slot, :, ent]."""
+        b, H, n, D = x.shape
+        x = x.float()  # fp32 rounding of err and norm (< 1e-6 relative) is far inside the kernel's 1e-4 slack
+        pad = -n % GROUP
+        xg = torch.cat([x, x[:, :, -1:].expand(b, H, pad, D)], 2) if pad else x
+        xg = xg.view(b, H, -1, GROUP, D)
+        scale = xg.abs().amax(dim=(-1, -2)) / 127  # [b, H, groups]
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: codes 0, scale 1
+        s = scale[..., None, None]
+        codes = torch.round(xg / s).clamp_(-127, 127)
+        err = (xg - codes * s).norm(dim=-1)
+        view = lambda t: t.flatten(2, 3)[:, :, :n] if t.dim() == 5 else t.flatten(2)[:, :, :n]  # noqa: E731
+        c, sc = view((codes + 128).to(torch.uint8)), scale[..., None].expand(-1, -1, -1, GROUP).flatten(2)[:, :, :n]
+        if isinstance(slot, slice):
+            self.codes[slot, :, ent], self.scale[slot, :, ent] = c, sc
+            self.err[slot, :, ent], self.norm[slot, :, ent] = view(err), x.norm(dim=-1)
+        else:
+            self.codes[slot][:, ent], self.scale[slot][:, ent] = c[0], sc[0]
+            self.err[slot][:, ent], self.norm[slot][:, ent] = view(err)[0], x.norm(dim=-1)[0]
+
+    def update(self, keys: torch.Tensor, slot: int, entries: torch.Tensor) -> None:
+        """After the ring entries `entries` of `slot` were written: re-encode the groups they touch."""
+        self.refresh(keys, slot, torch.unique(entries // GROUP))
 
     @property
     def entries(self) -> int:
@@ -624,7 +698,7 @@ class Int8Codes:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.offset, self.err, self.norm))
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.err, self.norm))
 
 
 def supports(keys: torch.Tensor, score_dtype: torch.dtype) -> bool:
@@ -659,7 +733,7 @@ def topk(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, k: int
         # exact scores use the same operands as the plain kernel: bf16-rounded queries in bf16 mode
         q = queries.detach().to(torch.bfloat16 if mode == 0 else torch.float32).float().contiguous()
         rc = _lib.mt_topk_i8(q.data_ptr(), keys.data_ptr(), int(keys.dtype == torch.bfloat16), codes.codes.data_ptr(),
-                             codes.scale.data_ptr(), codes.err.data_ptr(), codes.norm.data_ptr(), codes.offset.data_ptr(),
+                             codes.scale.data_ptr(), codes.err.data_ptr(), codes.norm.data_ptr(),
                              counts.data_ptr(), B, H, T, D, keys.shape[2], k, out_s.data_ptr(), out_i.data_ptr(),
                              nthreads)
         return None if rc != 0 else (out_s, out_i)
