@@ -227,71 +227,90 @@ inline float dot_exact(const float* x, const void* keys, int keys_bf16, int64_t 
     return _mm512_reduce_add_ps(acc);
 }
 
-struct Band {  // per query: candidates (f = a / s_q, ring index) within `margin` of the k-th best f seen
+struct Rec { float f; int32_t lane; int64_t i; };  // a candidate of the block's query `lane`
+
+// Pass-1 state of a task. Per query: the k best f seen (`tops`, a SIMD substitute for a min-heap), the
+// threshold thr = k-th best f - margin below which an entry provably cannot enter the top-k, the margin
+// and 1/s_q. Candidates go to one log per block of QB queries (sequential appends, pruned against the
+// thresholds, which only rise, when full) instead of per-query lists: pushes are the kernel's main overhead.
+struct Band {
     int k, kp;  // kp: k rounded up to 16 lanes
     std::vector<float, Aligned64<float>> tops;  // [nq][kp]: the k best f so far (-inf until filled; pad lanes +inf)
-    std::vector<float> kth, margin, thr;  // kth = min of tops; thr = kth - margin: entries with f <= thr are dropped
-    std::vector<float> inv;  // 1 / s_q
-    std::vector<std::vector<Cand>> c;  // c[q][0, n[q]): the candidates; c[q].size() is the capacity
-    std::vector<size_t> n;
+    std::vector<float> kth, margin, thr, inv;
+    std::vector<std::vector<Rec>> log;  // [nq / QB]: log[b][0, used[b]) holds the block's candidates
+    std::vector<size_t> used;
     Band(int nq, int k_) : k(k_), kp((k_ + 15) / 16 * 16), tops((size_t)nq * kp), kth(nq, -INFINITY), margin(nq, 0.f),
-                           thr(nq, -INFINITY), inv(nq, 1.f), c(nq, std::vector<Cand>(64)), n(nq, 0) {
+                           thr(nq, -INFINITY), inv(nq, 1.f), log(nq / QB, std::vector<Rec>(2048)), used(nq / QB, 0) {
         for (int q = 0; q < nq; q++)
             for (int t = 0; t < kp; t++) tops[(size_t)q * kp + t] = t < k ? -INFINITY : INFINITY;
     }
-    __attribute__((noinline)) void prune(int q) {  // drop what the (only rising) threshold excludes now
-        auto& v = c[q];
-        const float t = thr[q];
-        n[q] = std::remove_if(v.begin(), v.begin() + n[q], [t](const Cand& e) { return e.s <= t; }) - v.begin();
-        if (2 * n[q] > v.size()) v.resize(2 * v.size());  // amortised O(1) per push even when the band is wide
+    __attribute__((noinline)) void compact(int b) {  // drop what the thresholds exclude now; amortised O(1)
+        auto& v = log[b];
+        const float* th = &thr[(size_t)b * QB];
+        used[b] = std::remove_if(v.begin(), v.begin() + used[b], [th](const Rec& e) { return e.f <= th[e.lane]; }) - v.begin();
+        if (2 * used[b] > v.size()) v.resize(2 * v.size());
     }
     __attribute__((target("avx512f")))
-    inline void push(int q, float f, int64_t i) {
-        if (f > kth[q]) {  // replace the first lane holding the k-th best with f, then take the new minimum
-            float* tp = &tops[(size_t)q * kp];
-            const __m512 old = _mm512_set1_ps(kth[q]), nv = _mm512_set1_ps(f);
-            __m512 mn;
-            if (kp == 32) {  // the common k <= 32: two vectors, no loop
-                __m512 v0 = _mm512_load_ps(tp), v1 = _mm512_load_ps(tp + 16);
-                const uint32_t e = (uint32_t)_mm512_cmp_ps_mask(v0, old, _CMP_EQ_OQ) |
-                                   ((uint32_t)_mm512_cmp_ps_mask(v1, old, _CMP_EQ_OQ) << 16);
-                const uint32_t first = e & (0u - e);
-                v0 = _mm512_mask_mov_ps(v0, (__mmask16)first, nv);
-                v1 = _mm512_mask_mov_ps(v1, (__mmask16)(first >> 16), nv);
-                _mm512_store_ps(tp, v0); _mm512_store_ps(tp + 16, v1);
-                mn = _mm512_min_ps(v0, v1);
-            } else {
-                __mmask16 done = 0;
-                mn = _mm512_set1_ps(INFINITY);
-                for (int t = 0; t < kp; t += 16) {
-                    __m512 v = _mm512_load_ps(tp + t);
-                    const __mmask16 eq = done ? (__mmask16)0 : _mm512_cmp_ps_mask(v, old, _CMP_EQ_OQ);
-                    const __mmask16 first = eq & (__mmask16)(-(int)eq);
-                    v = _mm512_mask_mov_ps(v, first, nv);
-                    done |= first;
-                    _mm512_store_ps(tp + t, v);
-                    mn = _mm512_min_ps(mn, v);
-                }
+    void top(int q, float f) {  // f beats the k-th best: replace the first lane holding it, take the new minimum
+        float* tp = &tops[(size_t)q * kp];
+        const __m512 old = _mm512_set1_ps(kth[q]), nv = _mm512_set1_ps(f);
+        __m512 mn;
+        if (kp == 32) {  // the common k <= 32: two vectors, no loop
+            __m512 v0 = _mm512_load_ps(tp), v1 = _mm512_load_ps(tp + 16);
+            const uint32_t e = (uint32_t)_mm512_cmp_ps_mask(v0, old, _CMP_EQ_OQ) |
+                               ((uint32_t)_mm512_cmp_ps_mask(v1, old, _CMP_EQ_OQ) << 16);
+            const uint32_t first = e & (0u - e);
+            v0 = _mm512_mask_mov_ps(v0, (__mmask16)first, nv);
+            v1 = _mm512_mask_mov_ps(v1, (__mmask16)(first >> 16), nv);
+            _mm512_store_ps(tp, v0); _mm512_store_ps(tp + 16, v1);
+            mn = _mm512_min_ps(v0, v1);
+        } else {
+            __mmask16 done = 0;
+            mn = _mm512_set1_ps(INFINITY);
+            for (int t = 0; t < kp; t += 16) {
+                __m512 v = _mm512_load_ps(tp + t);
+                const __mmask16 eq = done ? (__mmask16)0 : _mm512_cmp_ps_mask(v, old, _CMP_EQ_OQ);
+                const __mmask16 first = eq & (__mmask16)(-(int)eq);
+                v = _mm512_mask_mov_ps(v, first, nv);
+                done |= first;
+                _mm512_store_ps(tp + t, v);
+                mn = _mm512_min_ps(mn, v);
             }
-            kth[q] = _mm512_reduce_min_ps(mn);
-            thr[q] = std::max(thr[q], kth[q] - margin[q]);
         }
-        c[q][n[q]++] = Cand{f, i};
-        if (n[q] == c[q].size()) prune(q);
+        kth[q] = _mm512_reduce_min_ps(mn);
+        thr[q] = std::max(thr[q], kth[q] - margin[q]);
     }
 };
 
-// Rare path: lanes that passed the integer pre-compare. acc holds [NKT][32] accumulators; f is computed
-// exactly as the kernel defines it and checked against the (float) threshold before the push.
-__attribute__((noinline))
-void insert_band(Band& band, int qoff, const int32_t* acc, const int32_t* cq, float sg, const uint32_t* masks,
-                 int nkt, int64_t j0) {
+// Rare path of a tile: some lanes passed the integer pre-compare. acc holds [NKT][32] accumulators. f (as the
+// kernel defines it: s_g * (acc - cq)) is computed for a whole key row at once and checked against the float
+// thresholds; the surviving lanes are logged.
+__attribute__((noinline, target("avx512f,avx512bw,avx512vl")))
+void insert_tile(Band& band, int blk, const int32_t* acc, const int32_t* cq, float sg, const uint32_t* masks, int nkt,
+                 int64_t j0) {
+    const int qoff = blk * QB;
+    const __m512i cq0 = _mm512_loadu_si512(cq + qoff), cq1 = _mm512_loadu_si512(cq + qoff + 16);
+    const __m512 sgv = _mm512_set1_ps(sg);
+    alignas(64) float fb[32];
     for (int t = 0; t < nkt; t++) {
-        for (uint32_t m = masks[t]; m; m &= m - 1) {
-            const int l = __builtin_ctz(m), q = qoff + l;
-            const float f = sg * (float)(acc[t * 32 + l] - cq[q]);
-            if (f > band.thr[q]) band.push(q, f, j0 + t);
+        uint32_t m = masks[t];
+        if (!m) continue;
+        const __m512 f0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(acc + t * 32), cq0)), sgv);
+        const __m512 f1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(acc + t * 32 + 16), cq1)), sgv);
+        m &= (uint32_t)_mm512_cmp_ps_mask(f0, _mm512_loadu_ps(&band.thr[qoff]), _CMP_GT_OQ) |
+             ((uint32_t)_mm512_cmp_ps_mask(f1, _mm512_loadu_ps(&band.thr[qoff + 16]), _CMP_GT_OQ) << 16);
+        if (!m) continue;
+        _mm512_store_ps(fb, f0); _mm512_store_ps(fb + 16, f1);
+        auto& lg = band.log[blk];
+        size_t u = band.used[blk];
+        for (; m; m &= m - 1) {
+            const int l = __builtin_ctz(m);
+            const float f = fb[l];
+            if (f > band.kth[qoff + l]) band.top(qoff + l, f);
+            lg[u++] = Rec{f, l, j0 + t};
+            if (u == lg.size()) { band.used[blk] = u; band.compact(blk); u = band.used[blk]; }
         }
+        band.used[blk] = u;
     }
 }
 
@@ -307,7 +326,7 @@ void insert_band(Band& band, int qoff, const int32_t* acc, const int32_t* cq, fl
 #define I8_ALL(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8) M(9) M(10) M(11)
 
 // Integer threshold: f = s_g (acc - cq) > thr  <=>  acc > thr / s_g + cq. Rounded down, less one and a
-// relative 2^-20 (covering fp32 rounding), and clamped: it may admit a few extra lanes (insert_band then
+// relative 2^-20 (covering fp32 rounding), and clamped: it may admit a few extra lanes (insert_tile then
 // checks f itself), never drop one. thr = -inf admits everything, +inf (padding) nothing.
 __attribute__((target("avx512f"), always_inline)) inline
 __m512i int_threshold(__m512 thr, __m512 inv_sg, __m512 cqf) {
@@ -340,7 +359,7 @@ void tile_i8(const uint32_t* qa, const uint32_t* qb, const uint8_t* codes, const
     if (__builtin_expect(any != 0, 0)) {
         alignas(64) int32_t buf[NKT * 32];
         I8_ALL(I8_ST)
-        insert_band(band, qoff, buf, cq, sg, masks, NKT, j);
+        insert_tile(band, qoff / QB, buf, cq, sg, masks, NKT, j);
     }
 }
 
@@ -402,13 +421,24 @@ void run_task_i8(const float* q, const void* keys, int keys_bf16, const uint8_t*
     // Pass 2 in two steps: the k entries with the best f are scored exactly first; their k-th best exact
     // score lb is a lower bound on the final k-th best, so a survivor needs its exact score only if its
     // upper bound s_q (f + margin / 2) reaches lb. That halves the rescoring when the band is crowded.
-    std::vector<Cand> ex, rest;
+    std::vector<Cand> ex, rest, bucket;
+    std::vector<size_t> start(QB + 1), pos(QB);
     const size_t row = (size_t)D * (keys_bf16 ? 2 : 4);
     for (int t = 0; t < nq; t++) {
+        const int blk = t / QB, lane = t % QB;
+        if (lane == 0) {  // bucket the block's log by query (counting sort)
+            const auto& lg = band.log[blk];
+            const size_t used = band.used[blk];
+            std::fill(start.begin(), start.end(), 0);
+            for (size_t u = 0; u < used; u++) start[lg[u].lane + 1]++;
+            for (int l = 0; l < QB; l++) { start[l + 1] += start[l]; pos[l] = start[l]; }
+            bucket.resize(used);
+            for (size_t u = 0; u < used; u++) bucket[pos[lg[u].lane]++] = Cand{lg[u].f, lg[u].i};
+        }
         const float thr = band.thr[t], kth = band.kth[t];
         ex.clear(); rest.clear();
-        for (size_t u = 0; u < band.n[t]; u++) {
-            const Cand& e = band.c[t][u];
+        for (size_t u = start[lane]; u < start[lane + 1]; u++) {
+            const Cand& e = bucket[u];
             if (e.s >= kth) ex.push_back(e);
             else if (e.s > thr) rest.push_back(e);
         }
