@@ -323,6 +323,7 @@ void insert_tile(Band& band, int blk, const int32_t* acc, const int32_t* cq, flo
 #define I8_CHK(t) if (NKT > t) { masks[t] = (uint32_t)_mm512_cmpgt_epi32_mask(c0_##t, th0) | \
     ((uint32_t)_mm512_cmpgt_epi32_mask(c1_##t, th1) << 16); any |= masks[t]; }
 #define I8_ST(t) if (NKT > t) { _mm512_store_si512(buf + t * 32, c0_##t); _mm512_store_si512(buf + t * 32 + 16, c1_##t); }
+#define I8_MAX(t) if (NKT > t && t > 0) { mx0 = _mm512_max_epi32(mx0, c0_##t); mx1 = _mm512_max_epi32(mx1, c1_##t); }
 #define I8_ALL(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8) M(9) M(10) M(11)
 
 // Integer threshold: f = s_g (acc - cq) > thr  <=>  acc > thr / s_g + cq. Rounded down, less one and a
@@ -354,9 +355,13 @@ void tile_i8(const uint32_t* qa, const uint32_t* qb, const uint8_t* codes, const
     const float sg = kscale[j];
     const __m512 inv = _mm512_set1_ps(1.f / sg);
     const __m512i th0 = int_threshold(thr0, inv, cqf0), th1 = int_threshold(thr1, inv, cqf1);
-    uint32_t masks[NKT], any = 0;
-    I8_ALL(I8_CHK)
-    if (__builtin_expect(any != 0, 0)) {
+    // Common path: one compare of the per-lane maximum over the tile's keys; the per-key masks only when it passes.
+    __m512i mx0 = c0_0, mx1 = c1_0;
+    I8_ALL(I8_MAX)
+    if (__builtin_expect(((uint32_t)_mm512_cmpgt_epi32_mask(mx0, th0) | (uint32_t)_mm512_cmpgt_epi32_mask(mx1, th1)) != 0, 0)) {
+        uint32_t masks[NKT], any = 0;
+        I8_ALL(I8_CHK)
+        (void)any;
         alignas(64) int32_t buf[NKT * 32];
         I8_ALL(I8_ST)
         insert_tile(band, qoff / QB, buf, cq, sg, masks, NKT, j);
