@@ -55,6 +55,7 @@ const int NK = 12;     // keys per register tile
 const int GROUP = 12;  // int8 prefilter: keys per tile and per shared code scale (memtrans.memory.fast_topk.GROUP)
 
 struct Cand { float s; int64_t i; };
+inline float bf16_to_float(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 struct Better { bool operator()(const Cand& a, const Cand& b) const { return a.s > b.s || (a.s == b.s && a.i < b.i); } };
 template <class T> struct Aligned64 {  // allocator for vectors read with aligned 512-bit loads
     using value_type = T;
@@ -532,6 +533,43 @@ int mt_topk(int mode, const void* q, const void* keys, int keys_bf16, const int6
     return 0;
 }
 
+// int8 codes of ring rows [r0, r1) (each NA entries of D values, bf16 or fp32), scale groups [g0, g1):
+// one scale per group of GROUP entries (max |k| / 127, or 1 for an all-zero group), codes khat + 128, and per
+// entry err = |k - scale khat| and norm = |k| (computed in double). Layout of codes/scale/err/norm: [rows][NA(...)].
+void mt_encode_groups(const void* keys, int keys_bf16, int64_t NA, int64_t D, int64_t r0, int64_t r1, int64_t g0,
+                      int64_t g1, uint8_t* codes, float* scale, float* err, float* norm) {
+    std::vector<float> x((size_t)GROUP * D);
+    for (int64_t r = r0; r < r1; r++) {
+        for (int64_t g = g0; g < g1; g++) {
+            const int64_t e0 = g * GROUP, e1 = std::min(NA, e0 + GROUP);
+            if (e0 >= e1) break;
+            float m = 0.f;
+            for (int64_t e = e0; e < e1; e++)
+                for (int64_t d = 0; d < D; d++) {
+                    const size_t o = ((size_t)r * NA + e) * D + d;
+                    float v = keys_bf16 ? bf16_to_float(((const uint16_t*)keys)[o]) : ((const float*)keys)[o];
+                    x[(e - e0) * D + d] = v;
+                    m = std::max(m, fabsf(v));
+                }
+            const float sc = m > 0 ? m / 127.f : 1.f;
+            for (int64_t e = e0; e < e1; e++) {
+                double e2 = 0, n2 = 0;
+                uint8_t* c = codes + ((size_t)r * NA + e) * D;
+                for (int64_t d = 0; d < D; d++) {
+                    const float v = x[(e - e0) * D + d];
+                    const int q = std::max(-127, std::min(127, (int)nearbyintf(v / sc)));
+                    c[d] = (uint8_t)(q + 128);
+                    const double res = (double)v - (double)sc * q;
+                    e2 += res * res; n2 += (double)v * v;
+                }
+                scale[(size_t)r * NA + e] = sc;
+                err[(size_t)r * NA + e] = (float)sqrt(e2);
+                norm[(size_t)r * NA + e] = (float)sqrt(n2);
+            }
+        }
+    }
+}
+
 // dst[i] = src[rows[i]] for rows of row_bytes bytes, prefetching ahead: the retrieved rows are scattered over
 // the ring, and torch.index_select spent ~38 ns per 128-byte row on them (more than a search at 8K entries).
 void mt_gather_rows(const char* src, const int64_t* rows, int64_t n, int64_t row_bytes, char* dst) {
@@ -628,6 +666,8 @@ def _load():
             lib.mt_topk_i8.restype = ctypes.c_int
             lib.mt_topk_i8.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5 + \
                 [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+            lib.mt_encode_groups.restype = None
+            lib.mt_encode_groups.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 4
             lib.mt_gather_rows.restype = None
             lib.mt_gather_rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
             if not lib.mt_available():
@@ -675,7 +715,7 @@ GROUP = 12  # entries per shared code scale; equals the kernel's tile width (GRO
 class Int8Codes:
     """int8 codes of a key ring for the prefilter: k ~ scale * (codes - 128), one scale per group of GROUP
     ring entries [GROUP*g, GROUP*g + GROUP) (so a kernel tile compares integers against one threshold).
-    err = |k - scale * (codes - 128)| and norm = |k|, computed (in fp32) from the stored codes, give the
+    err = |k - scale * (codes - 128)| and norm = |k|, computed in double from the stored codes, give the
     kernel its error bound; they do not depend on how the scale was chosen, so stale entries in a group only
     cost precision, never correctness."""
     codes: torch.Tensor  # uint8 [B, H, N, D]: khat + 128
@@ -684,48 +724,29 @@ class Int8Codes:
     norm: torch.Tensor  # fp32 [B, H, N]
 
     @classmethod
-    def of(cls, keys: torch.Tensor, chunk_groups: int = 2048) -> "Int8Codes":
-        """Codes of a whole ring [B, H, N, D]."""
+    def of(cls, keys: torch.Tensor) -> "Int8Codes":
+        """Codes of a whole ring [B, H, N, D] (contiguous CPU, bf16 or fp32; needs the kernel library)."""
         B, H, N, D = keys.shape
-        f = lambda: torch.zeros(B, H, N)  # noqa: E731
-        out = cls(torch.zeros(B, H, N, D, dtype=torch.uint8), f(), f(), f())
-        step = chunk_groups * GROUP  # temporaries stay small
-        for s in range(0, N, step):
-            e = min(N, s + step)
-            out._encode(keys[:, :, s:e], slice(None), slice(s, e))
+        out = cls(torch.empty(B, H, N, D, dtype=torch.uint8), torch.empty(B, H, N), torch.empty(B, H, N), torch.empty(B, H, N))
+        out._encode(keys, 0, B * H, 0, (N + GROUP - 1) // GROUP)
         return out
-
-    def refresh(self, keys: torch.Tensor, slot: int, groups: torch.Tensor) -> None:
-        """Re-encode whole groups (ids [G']) of slot `slot` from the ring keys [B, H, N, D]."""
-        N = keys.shape[2]
-        ent = (groups[:, None] * GROUP + torch.arange(GROUP)).clamp_(max=N - 1).reshape(-1)  # last group may be short
-        self._encode(keys[slot][:, ent].unsqueeze(0), slot, ent)
-
-    def _encode(self, x: torch.Tensor, slot, ent) -> None:
-        """Encode x [b, H, n, D] (n entries starting at a group boundary; a short last group is padded by
-        repeating its last entry) into self[slot, :, ent]."""
-        b, H, n, D = x.shape
-        x = x.float()  # fp32 rounding of err and norm (< 1e-6 relative) is far inside the kernel's 1e-4 slack
-        pad = -n % GROUP
-        xg = torch.cat([x, x[:, :, -1:].expand(b, H, pad, D)], 2) if pad else x
-        xg = xg.view(b, H, -1, GROUP, D)
-        scale = xg.abs().amax(dim=(-1, -2)) / 127  # [b, H, groups]
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: codes 0, scale 1
-        s = scale[..., None, None]
-        codes = torch.round(xg / s).clamp_(-127, 127)
-        err = (xg - codes * s).norm(dim=-1)
-        view = lambda t: t.flatten(2, 3)[:, :, :n] if t.dim() == 5 else t.flatten(2)[:, :, :n]  # noqa: E731
-        c, sc = view((codes + 128).to(torch.uint8)), scale[..., None].expand(-1, -1, -1, GROUP).flatten(2)[:, :, :n]
-        if isinstance(slot, slice):
-            self.codes[slot, :, ent], self.scale[slot, :, ent] = c, sc
-            self.err[slot, :, ent], self.norm[slot, :, ent] = view(err), x.norm(dim=-1)
-        else:
-            self.codes[slot][:, ent], self.scale[slot][:, ent] = c[0], sc[0]
-            self.err[slot][:, ent], self.norm[slot][:, ent] = view(err)[0], x.norm(dim=-1)[0]
 
     def update(self, keys: torch.Tensor, slot: int, entries: torch.Tensor) -> None:
         """After the ring entries `entries` of `slot` were written: re-encode the groups they touch."""
-        self.refresh(keys, slot, torch.unique(entries // GROUP))
+        H = keys.shape[1]
+        g = torch.unique(entries // GROUP).tolist()  # sorted; a FIFO write touches one or two runs of groups
+        start = 0
+        for i in range(1, len(g) + 1):
+            if i == len(g) or g[i] != g[i - 1] + 1:
+                self._encode(keys, slot * H, (slot + 1) * H, g[start], g[i - 1] + 1)
+                start = i
+
+    def _encode(self, keys: torch.Tensor, r0: int, r1: int, g0: int, g1: int) -> None:
+        if _load() is None or keys.device.type != "cpu" or not keys.is_contiguous() or keys.dtype not in (torch.bfloat16, torch.float32):
+            raise RuntimeError("Int8Codes needs the fused kernel library and a contiguous bf16/fp32 CPU ring")
+        B, H, N, D = keys.shape
+        _lib.mt_encode_groups(keys.data_ptr(), int(keys.dtype == torch.bfloat16), N, D, r0, r1, g0, g1,
+                              self.codes.data_ptr(), self.scale.data_ptr(), self.err.data_ptr(), self.norm.data_ptr())
 
     @property
     def entries(self) -> int:
