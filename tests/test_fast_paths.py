@@ -241,3 +241,12 @@ def test_int8_codes_bound_the_error():
         assert (grp == grp[..., :1]).all()
     assert (c.err <= 0.5 * c.scale * 8 * 1.0001).all()  # rounding error <= scale / 2 per dim, sqrt(64) = 8
     assert (c.err[:, :, 24:36] == 0).all() and (c.scale[:, :, 24:36] == 1).all()
+
+
+def test_gather_rows_equals_index_select():
+    table = torch.randn(1000, 3, 8).to(torch.bfloat16)
+    rows = torch.randint(0, 1000, (777,))
+    assert torch.equal(fast_topk.gather_rows(table, rows), table.index_select(0, rows))
+    assert fast_topk.gather_rows(table, rows[:0]).shape == (0, 3, 8)
+    with pytest.raises(IndexError, match=r"row ids must lie in \[0, 1000\)"):
+        fast_topk.gather_rows(table, torch.tensor([3, 1000]))
