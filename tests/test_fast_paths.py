@@ -142,6 +142,15 @@ def test_class_switch_forces_reference(monkeypatch):
     assert ExactMemory(1, 1, 8, 16, fast=True, dtype=torch.float32, prefilter="none").active_path() == "fused"
 
 
+def test_int8_prefilter_needs_head_dim_multiple_of_4():
+    # head_dim 6 is even (the plain kernel runs) but not a multiple of 4 (VNNI words): no int8 prefilter
+    fast, ref = build(2, 2, 6, 128, [300, 40], torch.bfloat16, torch.float32, prefilter="int8")
+    assert fast.active_path() == "fused" and fast._codes is None
+    q = torch.randn(2, 2, 9, 6)
+    assert_same_topk(fast.search(q, 8), ref.search(q, 8), tol=1e-5)
+    assert fast._codes is None
+
+
 def test_bad_prefilter_is_a_clear_error():
     with pytest.raises(ValueError, match="prefilter must be 'int8' or 'none'"):
         ExactMemory(1, 1, 8, 16, prefilter="int4")
