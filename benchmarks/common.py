@@ -70,3 +70,55 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
         x @ y
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
+
+
+def trained_keys(run_dir: str, n: int, split: str = "train", layer: int | None = None, batch: int = 4):
+    """Keys and queries of a trained run's memory layer, as the memory sees them (qk-normalised if the run
+    normalises): (keys [H, n, D], queries [H, n, D]) fp32, in stream order (segment by segment, slot by slot),
+    from streaming the run's own corpus split through its checkpoint until n tokens were seen. Documents are
+    concatenated: this measures retrieval on a trained key distribution, not within-document recall."""
+    from pathlib import Path
+
+    from memtrans.config import load_config
+    from memtrans.data import DocumentStream, prepare_data
+    from memtrans.model import MemorizingTransformer
+    from memtrans.train.checkpoint import checkpoint_path, load_checkpoint
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file() or not checkpoint_path(run).is_file():
+        raise SystemExit(f"--run {run_dir}: needs a training run directory with config.yaml and a checkpoint")
+    cfg = load_config(run / "config.yaml")
+    if not cfg.model.memory_layers:
+        raise SystemExit(f"--run {run_dir}: the run has no memory layer (model.memory_layers is empty)")
+    layer = cfg.model.memory_layers[0] if layer is None else layer
+    model = MemorizingTransformer(cfg.model)
+    model.load_state_dict(load_checkpoint(checkpoint_path(run))["model"])
+    model.eval()
+    docs = prepare_data(cfg.data, cfg.train.seed).splits[split]
+    stream = DocumentStream(docs, batch, cfg.model.segment_len, seed=0, loop=False, shuffle=False)  # no repeats
+    state = model.init_state(batch)
+    mem = state.memories[layer]
+    keys, queries = [], []
+    search, add = mem.search, mem.add
+
+    def rec_search(q, k):
+        queries.append(q.detach().float().transpose(0, 1).reshape(q.shape[1], -1, q.shape[-1]))  # [H, B*T, D]
+        return search(q, k)
+
+    def rec_add(k, v, positions=None):
+        keys.append(k.detach().float().transpose(0, 1).reshape(k.shape[1], -1, k.shape[-1]))
+        return add(k, v, positions)
+
+    mem.search, mem.add = rec_search, rec_add
+    seen = 0
+    with torch.no_grad():
+        for b in stream:
+            model.reset_state(state, b.new_doc)
+            model(b.tokens, state)
+            seen += b.tokens.numel()
+            if seen >= n:
+                break
+    k, q = torch.cat(keys, 1)[:, :n], torch.cat(queries, 1)[:, :n]
+    if k.shape[1] < n:
+        raise SystemExit(f"--run {run_dir}: the {split} split has only {k.shape[1]} tokens; need {n}")
+    return k, q

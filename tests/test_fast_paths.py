@@ -123,6 +123,9 @@ def test_threads_do_not_change_results(prefilter):
     codes = fast_topk.Int8Codes.of(fast.keys) if prefilter == "int8" else None
     one = fast_topk.topk(q, fast.keys, fast.count, 16, torch.float32, threads=1, codes=codes)
     two = fast_topk.topk(q, fast.keys, fast.count, 16, torch.float32, threads=2, codes=codes)
+    if codes is not None:  # and the same when some tasks fall back to the plain kernel
+        three = fast_topk.topk(q, fast.keys, fast.count, 16, torch.float32, threads=2, codes=codes, int8_budget=0.0)
+        assert torch.equal(one[1].sort(-1).values, three[1].sort(-1).values)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 
@@ -160,12 +163,15 @@ def test_bad_prefilter_is_a_clear_error():
 int8_only = pytest.mark.skipif(not fast_topk.int8_available(), reason="CPU lacks AVX-512 VNNI")
 
 
-def _plain_and_int8(keys, q, k, score_dtype, counts=None):
-    B = keys.shape[0]
-    counts = torch.full((B,), keys.shape[2]) if counts is None else counts
+def _check_int8(keys, q, k, score_dtype, rtol=1e-5):
+    """The int8 path equals the plain kernel: forced to finish however crowded the band (budget inf), with
+    the default budget, and forced straight onto its plain-kernel fallback (budget 0)."""
+    counts = torch.full((keys.shape[0],), keys.shape[2])
     plain = fast_topk.topk(q, keys, counts, k, score_dtype, threads=1)
-    int8 = fast_topk.topk(q, keys, counts, k, score_dtype, threads=1, codes=fast_topk.Int8Codes.of(keys))
-    return plain, int8
+    codes = fast_topk.Int8Codes.of(keys)
+    for budget in (float("inf"), 1.0, 0.0):
+        _assert_same(plain, fast_topk.topk(q, keys, counts, k, score_dtype, threads=1, codes=codes, int8_budget=budget),
+                     rtol=rtol)
 
 
 def _assert_same(plain, int8, rtol=1e-5):
@@ -190,7 +196,7 @@ def test_int8_prefilter_is_exact_on_near_duplicate_keys(score_dtype):
     base = F.normalize(torch.randn(2, 3, 1, 64, generator=g), dim=-1)
     keys = F.normalize(base + 1e-3 * torch.randn(2, 3, 3000, 64, generator=g), dim=-1).to(torch.bfloat16)
     q = F.normalize(base + 0.05 * torch.randn(2, 3, 40, 64, generator=g), dim=-1)
-    _assert_same(*_plain_and_int8(keys, q, 32, score_dtype))
+    _check_int8(keys, q, 32, score_dtype)
 
 
 @int8_only
@@ -206,8 +212,45 @@ def test_int8_prefilter_is_exact_on_unnormalised_and_degenerate_keys():
     q = torch.randn(B, H, 33, D, generator=g)
     q[:, :, 0] = 0
     q[:, :, 1] *= 1e4
-    _assert_same(*_plain_and_int8(keys, q, 32, torch.float32), rtol=1e-5)
-    _assert_same(*_plain_and_int8(keys[..., :24].contiguous(), q[..., :24].contiguous(), 7, torch.float32), rtol=1e-5)
+    _check_int8(keys, q, 32, torch.float32)
+    _check_int8(keys[..., :24].contiguous(), q[..., :24].contiguous(), 7, torch.float32)
+
+
+@int8_only
+def test_int8_prefilter_falls_back_when_the_band_is_crowded():
+    """Keys that nearly all score alike (as in some trained heads) put most entries within the error bound:
+    the (slot, head) then runs the plain kernel, which is cheaper there. Spread keys keep the prefilter."""
+    g = torch.Generator().manual_seed(5)
+    base = F.normalize(torch.randn(1, 2, 1, 64, generator=g), dim=-1)
+    crowded = F.normalize(base + 1e-3 * torch.randn(1, 2, 8192, 64, generator=g), dim=-1).to(torch.bfloat16)
+    spread = F.normalize(torch.randn(1, 2, 8192, 64, generator=g), dim=-1).to(torch.bfloat16)
+    q = F.normalize(torch.randn(1, 2, 64, 64, generator=g), dim=-1)
+    counts = torch.tensor([8192])
+    for keys, falls_back in ((crowded, True), (spread, False)):
+        before = dict(fast_topk.stats)
+        fast_topk.topk(q, keys, counts, 32, torch.bfloat16, threads=1, codes=fast_topk.Int8Codes.of(keys))
+        assert fast_topk.stats["int8_queries"] - before["int8_queries"] == 2 * 64
+        assert fast_topk.stats["int8_fallback_queries"] - before["int8_fallback_queries"] == (2 * 64 if falls_back else 0)
+
+
+@int8_only
+def test_exact_memory_remembers_crowded_heads():
+    """A (slot, head) that fell back skips the prefilter's probe on the next search, until its slot is reset
+    or reprobe_every searches pass; results stay equal to the plain kernel's throughout."""
+    g = torch.Generator().manual_seed(6)
+    base = F.normalize(torch.randn(1, 2, 1, 64, generator=g), dim=-1)
+    crowded = F.normalize(base + 1e-3 * torch.randn(1, 2, 8192, 64, generator=g), dim=-1)
+    keys = torch.cat([crowded, F.normalize(torch.randn(1, 2, 8192, 64, generator=g), dim=-1)])  # slot 1: spread
+    mem = ExactMemory(2, 2, 64, 8192, score_dtype=torch.float32, prefilter="int8")
+    plain = ExactMemory(2, 2, 64, 8192, score_dtype=torch.float32, prefilter="none")
+    for m in (mem, plain):
+        m.add(keys, keys)
+    q = F.normalize(torch.randn(2, 2, 32, 64, generator=g), dim=-1)
+    for _ in range(2):
+        assert torch.equal(mem.search(q, 8).indices.sort(-1).values, plain.search(q, 8).indices.sort(-1).values)
+        assert mem._int8_ok.tolist() == [[0, 0], [1, 1]]
+    mem.reset([0])
+    assert mem._int8_ok.tolist() == [[1, 1], [1, 1]]
 
 
 @int8_only

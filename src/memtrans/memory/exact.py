@@ -26,7 +26,10 @@ class ExactMemory(MemoryBackend):
     where `add` writes, rebuilt when the ring grows or is loaded), the kernel scores every entry with VNNI
     int8 products (2x the bf16 rate here), drops those whose approximate score plus a rigorous error bound
     cannot reach the k-th best exact score, and scores the rest exactly. Same top-k, same scores, for both
-    score dtypes (so fp32 scores now cost what bf16 ones do).
+    score dtypes (so fp32 scores now cost what bf16 ones do). Where keys nearly all score alike (as in the
+    trained models we measured) the bound cannot separate them: the kernel notices within a short probe and
+    runs the plain kernel for that (slot, head), and this memory remembers it (`_int8_ok`) until the slot is
+    reset or `reprobe_every` searches pass.
     Both only score the filled prefix [0, count[b]), so a partly filled memory costs only its filled part.
     """
 
@@ -34,6 +37,7 @@ class ExactMemory(MemoryBackend):
     max_block_elements = 1 << 25  # reference path: scores held at once, B*H*T*chunk (64 MiB in bf16)
     use_fast = os.environ.get("MEMTRANS_EXACT_PATH", "fast") != "reference"  # class-wide default
     default_prefilter = os.environ.get("MEMTRANS_EXACT_PREFILTER", "int8")  # class-wide default
+    reprobe_every = 16  # searches after which a (slot, head) that fell back tries the prefilter again
 
     def __init__(self, *args, fast: bool | None = None, prefilter: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -42,6 +46,10 @@ class ExactMemory(MemoryBackend):
         if self.prefilter not in ("int8", "none"):
             raise ValueError(f"prefilter must be 'int8' or 'none', got {self.prefilter!r}")
         self._codes = None  # fast_topk.Int8Codes of the ring, built on the first prefiltered search
+        # Per (slot, head): 1 = try the int8 prefilter. A (slot, head) whose band was too crowded (it ran the
+        # plain kernel) skips the prefilter's probe until its slot is reset or `reprobe_every` searches pass.
+        self._int8_ok = torch.ones(self.batch_size, self.heads, dtype=torch.uint8)
+        self._searches = 0
 
     def active_path(self, queries: torch.Tensor | None = None) -> str:
         """'fused-int8', 'fused' or 'reference': which path `search` takes for this ring and score dtype."""
@@ -64,7 +72,10 @@ class ExactMemory(MemoryBackend):
                 if self._codes is None or self._codes.entries != self.keys.shape[2]:
                     self._codes = fast_topk.Int8Codes.of(self.keys)
                 codes = self._codes
-            out = fast_topk.topk(queries, self.keys, self.count, k, self.score_dtype, codes=codes)
+                self._searches += 1
+                if self._searches % self.reprobe_every == 0:
+                    self._int8_ok.fill_(1)
+            out = fast_topk.topk(queries, self.keys, self.count, k, self.score_dtype, codes=codes, use_int8=self._int8_ok)
             if out is not None:
                 return out
         return self._topk_reference(queries, k, filled)
@@ -78,6 +89,9 @@ class ExactMemory(MemoryBackend):
             return
         for b in range(idx.shape[0]):
             self._codes.update(self.keys, b, idx[b])
+
+    def _on_reset(self, slots: torch.Tensor) -> None:
+        self._int8_ok[slots] = 1  # a new document: its keys may be spread again
 
     def load_state_dict(self, d: dict) -> None:
         super().load_state_dict(d)

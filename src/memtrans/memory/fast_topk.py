@@ -25,7 +25,10 @@ VNNI int8 products (`vpdpbusd`, twice the bf16 rate here) as a 32 x 12 integer t
 integer threshold per query; pass 2 scores the few survivors exactly (the same fp32 products as the plain
 kernel) and takes their top-k. An entry is dropped only if a rigorous bound on the int8 error (Cauchy-
 Schwarz on the stored per-entry code errors, plus fp32 rounding) proves it cannot reach the k-th best
-exact score, so the result is the same exact top-k with the same scores (see the comment in _SRC).
+exact score, so the result is the same exact top-k with the same scores (see the comment in _SRC). It pays
+only where keys are spread: when a (slot, head)'s band is crowded (measured on trained models: most keys
+score alike) a 1,020-entry probe or a later chunk exceeds the measured break-even and that (slot, head)
+runs the plain kernel instead.
 
 Build: g++ (>= 10) compiles the source below once per source hash into $MEMTRANS_EXT_CACHE (default
 ~/.cache/memtrans/ext), a few seconds (7 s measured here under load); functions carry AVX-512 target attributes and `available()` checks the
@@ -253,6 +256,7 @@ struct Band {
     std::vector<float> kth, margin, thr, inv;
     std::vector<std::vector<Rec>> log;  // [nq / QB]: log[b][0, used[b]) holds the block's candidates
     std::vector<size_t> used;
+    size_t appends = 0;  // candidates logged so far (the cost that decides whether the prefilter pays)
     Band(int nq, int k_) : k(k_), kp((k_ + 15) / 16 * 16), tops((size_t)nq * kp), kth(nq, -INFINITY), margin(nq, 0.f),
                            thr(nq, -INFINITY), inv(nq, 1.f), log(nq / QB, std::vector<Rec>(2048)), used(nq / QB, 0) {
         for (int q = 0; q < nq; q++)
@@ -317,6 +321,7 @@ void insert_tile(Band& band, int blk, const int32_t* acc, const int32_t* cq, flo
         _mm512_store_ps(fb, f0); _mm512_store_ps(fb + 16, f1);
         auto& lg = band.log[blk];
         size_t u = band.used[blk];
+        band.appends += __builtin_popcount(m);
         for (; m; m &= m - 1) {
             const int l = __builtin_ctz(m);
             const float f = fb[l];
@@ -382,11 +387,14 @@ void tile_i8(const uint32_t* qa, const uint32_t* qb, const uint8_t* codes, const
     }
 }
 
+struct I8Limits { double probe_live, per_chunk; };  // per query; see run_task_i8 and mt_topk_i8
+
+// Returns false, having written nothing, when the band is too crowded for the prefilter to pay.
 template <int DD>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
-void run_task_i8(const float* q, const void* keys, int keys_bf16, const uint8_t* codes, const float* kscale,
+bool run_task_i8(const float* q, const void* keys, int keys_bf16, const uint8_t* codes, const float* kscale,
                  const float* kerr, const float* knorm, int64_t n, int D, int q0, int q1,
-                 int k, float* out_s, int64_t* out_i, int kk) {
+                 int k, float* out_s, int64_t* out_i, int kk, const I8Limits& limits) {
     const int nq = q1 - q0, nb = (nq + QB - 1) / QB, W = D / 4, NQ = nb * QB;
     double maxe = 0, maxn = 0, maxs = 0;
     for (int64_t j = 0; j < n; j++) {
@@ -420,9 +428,24 @@ void run_task_i8(const float* q, const void* keys, int keys_bf16, const uint8_t*
         band.inv[t] = 1.f / s;
     }
     for (int t = nq; t < NQ; t++) band.thr[t] = INFINITY;
-    const int64_t KC = 4092;  // a multiple of GROUP (12): every full tile lies in one scale group
-    for (int64_t c0 = 0; c0 < n; c0 += KC) {
-        const int64_t c1 = std::min(n, c0 + KC);
+    // Chunks of KC entries (a multiple of GROUP: every full tile lies in one scale group), the first one a
+    // short probe. Whether the prefilter pays is decided as it goes: after the probe, by the band it left
+    // (live candidates per query); after every later chunk, by the candidates that chunk added. Either
+    // above its limit (a crowded band: keys that nearly all score alike, as in some trained heads) returns
+    // false and the caller runs the plain kernel, having lost at most the probe or one chunk.
+    const int64_t KC = 4092, PROBE = 1020;
+    double appends_before = 0;
+    for (int64_t c0 = 0, c1; c0 < n; c0 = c1) {
+        c1 = std::min(n, c0 == 0 ? PROBE : c0 + KC);
+        if (c0 == PROBE) {
+            size_t live = 0;
+            for (int b = 0; b < nb; b++)
+                for (size_t u = 0; u < band.used[b]; u++) live += band.log[b][u].f > band.thr[b * QB + band.log[b][u].lane];
+            if ((double)live > limits.probe_live * nq) return false;
+        } else if (c0 > PROBE && (double)band.appends - appends_before > limits.per_chunk * nq) {
+            return false;
+        }
+        appends_before = (double)band.appends;
         for (int b = 0; b < nb; b++) {
             const uint32_t* qa = &qp[(size_t)(2 * b) * W * 16];
             const uint32_t* qc = &qp[(size_t)(2 * b + 1) * W * 16];
@@ -489,6 +512,7 @@ void run_task_i8(const float* q, const void* keys, int keys_bf16, const uint8_t*
             out_i[(size_t)t * kk + u] = u < r ? ex[u].i : 0;
         }
     }
+    return true;
 }
 
 template <class F>
@@ -602,15 +626,18 @@ int mt_available_i8() {
            __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma");
 }
 
-// int8 prefilter + exact rescoring. q: [B,H,T,D] fp32 (the operands of the exact score: bf16-rounded
+// int8 prefilter + exact rescoring; returns the number of queries (of B*H*T) that ran the plain kernel
+// instead (their (slot, head) has use_i8[b*H+h] == 0, or its band proved too crowded, which clears the flag),
+// or -1. q: [B,H,T,D] fp32 (the operands of the exact score: bf16-rounded
 // queries for bf16 scores); keys: [B,H,NA,D] bf16 or fp32 ring; codes int8 [B,H,NA,D] and per-entry
 // scale (shared by each group of GROUP entries), err (|k - scale*codes|) and norm (|k|), fp32 [B,H,NA]; codes are
 // uint8 khat + 128. D % 4 == 0.
-int mt_topk_i8(const float* q, const void* keys, int keys_bf16, const uint8_t* codes, const float* kscale,
+int mt_topk_i8(int mode, const float* q, const void* keys, int keys_bf16, const uint8_t* codes, const float* kscale,
                const float* kerr, const float* knorm, const int64_t* counts,
                int64_t B, int64_t H, int64_t T, int64_t D, int64_t NA, int64_t kk, float* out_s, int64_t* out_i,
-               int nthreads) {
-    if (D % 4) return 1;
+               int nthreads, double budget_scale, uint8_t* use_i8) {
+    if (D % 4 || (mode == 0 && !keys_bf16)) return -1;
+    std::atomic<int64_t> fallbacks(0);
     const int64_t qsplit = query_split(B, H, T, nthreads);
     const int64_t per = ((T + qsplit - 1) / qsplit + QB - 1) / QB * QB;
     const size_t ke = keys_bf16 ? 2 : 4;
@@ -626,16 +653,43 @@ int mt_topk_i8(const float* q, const void* keys, int keys_bf16, const uint8_t* c
         }
         int k = (int)std::min<int64_t>(kk, n);
         const size_t e0 = (size_t)bh * NA;
-#define MT_RUN(DD) run_task_i8<DD>(q + (size_t)bh * T * D, (const char*)keys + e0 * D * ke, keys_bf16, codes + e0 * D, \
-            kscale + e0, kerr + e0, knorm + e0, n, (int)D, q0, q1, k, os, oi, (int)kk)
+        // Limits per query (x budget_scale). Break-even measured here: a candidate costs ~40 ns, the int8 tile
+        // saves 0.53 (bf16) / 1.1 (fp32) ns per entry, so a 4092-entry chunk pays while it adds fewer than
+        // ~54 / ~113 candidates per query; the limit is twice that. After the 1020-entry probe a spread key
+        // distribution leaves k plus a few dozen live candidates, a crowded one hundreds.
+        const I8Limits limits{budget_scale * (k + std::max(2.0 * k, 0.06 * 1020)),
+                              budget_scale * (mode == 0 ? 108.0 : 226.0)};
+        bool done = false;
+#define MT_RUN(DD) done = use_i8[bh] && run_task_i8<DD>(q + (size_t)bh * T * D, (const char*)keys + e0 * D * ke, keys_bf16, codes + e0 * D, \
+            kscale + e0, kerr + e0, knorm + e0, n, (int)D, q0, q1, k, os, oi, (int)kk, limits)
         if (D == 64) MT_RUN(64); else if (D == 128) MT_RUN(128); else if (D == 32) MT_RUN(32); else MT_RUN(0);
 #undef MT_RUN
+        if (done) return;
+        use_i8[bh] = 0;  // the caller may skip the prefilter for this (slot, head) next time
+        fallbacks += q1 - q0;
+        const float* qf = q + (size_t)bh * T * D;
+        const char* kb = (const char*)keys + e0 * D * ke;
+        if (mode == 1) {
+#define MT_RUN(DD) run_task<1, DD>(qf, kb, keys_bf16, n, (int)T, (int)D, q0, q1, k, os, oi, (int)kk)
+            if (D == 64) MT_RUN(64); else if (D == 128) MT_RUN(128); else if (D == 32) MT_RUN(32); else MT_RUN(0);
+#undef MT_RUN
+        } else {  // bf16 queries: the fp32 ones were rounded to bf16 already, so the top half is exact
+            std::vector<uint16_t> qh((size_t)T * D);
+            for (size_t e = 0; e < qh.size(); e++) { uint32_t u; memcpy(&u, qf + e, 4); qh[e] = (uint16_t)(u >> 16); }
+#define MT_RUN(DD) run_task<0, DD>(qh.data(), kb, keys_bf16, n, (int)T, (int)D, q0, q1, k, os, oi, (int)kk)
+            if (D == 64) MT_RUN(64); else if (D == 128) MT_RUN(128); else if (D == 32) MT_RUN(32); else MT_RUN(0);
+#undef MT_RUN
+        }
     });
-    return 0;
+    return (int)fallbacks.load();
 }
 
 }
 """
+
+# Counters of the int8 prefilter since import: queries searched (x slots x heads), and how many of them were in
+# a (slot, head) task whose band was too crowded, so the plain kernel ran instead (benchmarks print them).
+stats = {"int8_queries": 0, "int8_fallback_queries": 0}
 
 _lock = threading.Lock()
 _lib = None
@@ -677,8 +731,8 @@ def _load():
                 [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
             lib.mt_available_i8.restype = ctypes.c_int
             lib.mt_topk_i8.restype = ctypes.c_int
-            lib.mt_topk_i8.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5 + \
-                [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+            lib.mt_topk_i8.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5 + \
+                [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_double, ctypes.c_void_p]
             lib.mt_encode_groups.restype = None
             lib.mt_encode_groups.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 4
             lib.mt_gather_rows.restype = None
@@ -782,11 +836,16 @@ def supports(keys: torch.Tensor, score_dtype: torch.dtype) -> bool:
 
 
 def topk(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, k: int, score_dtype: torch.dtype,
-         threads: int | None = None, codes: Int8Codes | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+         threads: int | None = None, codes: Int8Codes | None = None,
+         int8_budget: float = 1.0, use_int8: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Exact top-k of queries [B,H,T,D] against each slot's filled ring prefix keys[b, :, :counts[b]].
 
     With `codes` (the ring's Int8Codes, head_dim % 4 == 0, VNNI CPU) an int8 prefilter drops the entries that
-    provably cannot enter the top-k and only the rest are scored exactly; the result is the same top-k.
+    provably cannot enter the top-k and only the rest are scored exactly; the result is the same top-k. A
+    (slot, head) whose candidates exceed int8_budget x a break-even budget (keys that nearly all score alike,
+    as in some trained heads) switches to the plain kernel; inf never switches, 0 always does (tests).
+    `use_int8` (uint8 [B, H], updated in place) lets a caller remember which (slot, head)s fell back: 0 runs
+    the plain kernel straight away.
     Returns (scores fp32 [B,H,T,k], ring indices int64 [B,H,T,k]) with -inf / 0 where a slot holds fewer
     than k entries, or None when the kernel cannot handle the inputs (the caller then falls back).
     """
@@ -801,11 +860,18 @@ def topk(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, k: int
     if codes is not None and D % 4 == 0 and codes.entries == keys.shape[2] and int8_available():
         # exact scores use the same operands as the plain kernel: bf16-rounded queries in bf16 mode
         q = queries.detach().to(torch.bfloat16 if mode == 0 else torch.float32).float().contiguous()
-        rc = _lib.mt_topk_i8(q.data_ptr(), keys.data_ptr(), int(keys.dtype == torch.bfloat16), codes.codes.data_ptr(),
+        flags = torch.ones(B, H, dtype=torch.uint8) if use_int8 is None else use_int8
+        if flags.dtype != torch.uint8 or flags.shape != (B, H) or not flags.is_contiguous():
+            raise ValueError(f"use_int8 must be a contiguous uint8 tensor of shape {(B, H)}")
+        rc = _lib.mt_topk_i8(mode, q.data_ptr(), keys.data_ptr(), int(keys.dtype == torch.bfloat16), codes.codes.data_ptr(),
                              codes.scale.data_ptr(), codes.err.data_ptr(), codes.norm.data_ptr(),
                              counts.data_ptr(), B, H, T, D, keys.shape[2], k, out_s.data_ptr(), out_i.data_ptr(),
-                             nthreads)
-        return None if rc != 0 else (out_s, out_i)
+                             nthreads, float(int8_budget), flags.data_ptr())
+        if rc < 0:
+            return None
+        stats["int8_queries"] += B * H * T
+        stats["int8_fallback_queries"] += rc
+        return out_s, out_i
     q = queries.detach().to(torch.bfloat16 if mode == 0 else torch.float32).contiguous()
     rc = _lib.mt_topk(mode, q.data_ptr(), keys.data_ptr(), int(keys.dtype == torch.bfloat16), counts.data_ptr(),
                       B, H, T, D, keys.shape[2], k, out_s.data_ptr(), out_i.data_ptr(),
