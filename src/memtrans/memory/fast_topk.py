@@ -530,6 +530,36 @@ int64_t query_split(int64_t B, int64_t H, int64_t T, int nthreads) {  // split q
     return nthreads > 1 ? std::max<int64_t>(1, std::min<int64_t>((T + 127) / 128, (4 * nthreads + B * H - 1) / (B * H))) : 1;
 }
 
+// Runs fn(bh, q0, q1, n, k, out_s, out_i) for every (slot, head) and query range of a search on `nthreads`
+// threads; slots with no entries get -inf / 0 here. n: the slot's filled entries, k = min(kk, n).
+template <class F>
+void for_each_task(int64_t B, int64_t H, int64_t T, int64_t NA, int64_t kk, const int64_t* counts, float* out_s,
+                   int64_t* out_i, int nthreads, F fn) {
+    const int64_t qsplit = query_split(B, H, T, nthreads);
+    const int64_t per = ((T + qsplit - 1) / qsplit + QB - 1) / QB * QB;
+    parallel_tasks(B * H * qsplit, nthreads, [&](int64_t t) {
+        const int64_t bh = t / qsplit, part = t % qsplit, b = bh / H;
+        const int q0 = (int)std::min(T, part * per), q1 = (int)std::min(T, q0 + per);
+        if (q0 >= q1) return;
+        float* os = out_s + ((size_t)bh * T + q0) * kk; int64_t* oi = out_i + ((size_t)bh * T + q0) * kk;
+        const int64_t n = std::min(counts[b], NA);
+        if (n <= 0) {
+            for (int64_t e = 0; e < (int64_t)(q1 - q0) * kk; e++) { os[e] = -INFINITY; oi[e] = 0; }
+            return;
+        }
+        fn(bh, q0, q1, n, (int)std::min<int64_t>(kk, n), os, oi);
+    });
+}
+
+// The plain kernel for one task, dispatched on mode and head_dim. q: this (slot, head)'s [T][D] queries.
+void run_plain(int mode, const void* q, const void* keys, int keys_bf16, int64_t n, int64_t T, int64_t D, int q0, int q1,
+               int k, float* os, int64_t* oi, int64_t kk) {
+#define MT_RUN(M, DD) run_task<M, DD>(q, keys, keys_bf16, n, (int)T, (int)D, q0, q1, k, os, oi, (int)kk)
+    if (mode == 0) { if (D == 64) MT_RUN(0, 64); else if (D == 128) MT_RUN(0, 128); else if (D == 32) MT_RUN(0, 32); else MT_RUN(0, 0); }
+    else { if (D == 64) MT_RUN(1, 64); else if (D == 128) MT_RUN(1, 128); else if (D == 32) MT_RUN(1, 32); else MT_RUN(1, 0); }
+#undef MT_RUN
+}
+
 }  // namespace
 
 extern "C" {
@@ -546,26 +576,11 @@ int mt_topk(int mode, const void* q, const void* keys, int keys_bf16, const int6
             int64_t B, int64_t H, int64_t T, int64_t D, int64_t NA, int64_t kk, float* out_s, int64_t* out_i,
             int nthreads) {
     if (D % 2 || (mode == 0 && !keys_bf16)) return 1;
-    const int64_t qsplit = query_split(B, H, T, nthreads);
-    const int64_t per = ((T + qsplit - 1) / qsplit + QB - 1) / QB * QB;
     const size_t qe = mode == 0 ? 2 : 4, ke = keys_bf16 ? 2 : 4;
-    parallel_tasks(B * H * qsplit, nthreads, [&](int64_t t) {
-        int64_t bh = t / qsplit, part = t % qsplit, b = bh / H;
-        int q0 = (int)std::min(T, part * per), q1 = (int)std::min(T, q0 + per);
-        if (q0 >= q1) return;
-        const char* qb = (const char*)q + (size_t)bh * T * D * qe;
-        const char* kb = (const char*)keys + (size_t)bh * NA * D * ke;
-        float* os = out_s + ((size_t)bh * T + q0) * kk; int64_t* oi = out_i + ((size_t)bh * T + q0) * kk;
-        int64_t n = std::min(counts[b], NA);
-        if (n <= 0) {
-            for (int64_t e = 0; e < (int64_t)(q1 - q0) * kk; e++) { os[e] = -INFINITY; oi[e] = 0; }
-            return;
-        }
-        int k = (int)std::min<int64_t>(kk, n);
-#define MT_RUN(M, DD) run_task<M, DD>(qb, kb, keys_bf16, n, (int)T, (int)D, q0, q1, k, os, oi, (int)kk)
-        if (mode == 0) { if (D == 64) MT_RUN(0, 64); else if (D == 128) MT_RUN(0, 128); else if (D == 32) MT_RUN(0, 32); else MT_RUN(0, 0); }
-        else { if (D == 64) MT_RUN(1, 64); else if (D == 128) MT_RUN(1, 128); else if (D == 32) MT_RUN(1, 32); else MT_RUN(1, 0); }
-#undef MT_RUN
+    for_each_task(B, H, T, NA, kk, counts, out_s, out_i, nthreads,
+                  [&](int64_t bh, int q0, int q1, int64_t n, int k, float* os, int64_t* oi) {
+        run_plain(mode, (const char*)q + (size_t)bh * T * D * qe, (const char*)keys + (size_t)bh * NA * D * ke, keys_bf16,
+                  n, T, D, q0, q1, k, os, oi, kk);
     });
     return 0;
 }
@@ -638,21 +653,12 @@ int mt_topk_i8(int mode, const float* q, const void* keys, int keys_bf16, const 
                int nthreads, double budget_scale, uint8_t* use_i8) {
     if (D % 4 || (mode == 0 && !keys_bf16)) return -1;
     std::atomic<int64_t> fallbacks(0);
-    const int64_t qsplit = query_split(B, H, T, nthreads);
-    const int64_t per = ((T + qsplit - 1) / qsplit + QB - 1) / QB * QB;
     const size_t ke = keys_bf16 ? 2 : 4;
-    parallel_tasks(B * H * qsplit, nthreads, [&](int64_t t) {
-        int64_t bh = t / qsplit, part = t % qsplit, b = bh / H;
-        int q0 = (int)std::min(T, part * per), q1 = (int)std::min(T, q0 + per);
-        if (q0 >= q1) return;
-        float* os = out_s + ((size_t)bh * T + q0) * kk; int64_t* oi = out_i + ((size_t)bh * T + q0) * kk;
-        int64_t n = std::min(counts[b], NA);
-        if (n <= 0) {
-            for (int64_t e = 0; e < (int64_t)(q1 - q0) * kk; e++) { os[e] = -INFINITY; oi[e] = 0; }
-            return;
-        }
-        int k = (int)std::min<int64_t>(kk, n);
+    for_each_task(B, H, T, NA, kk, counts, out_s, out_i, nthreads,
+                  [&](int64_t bh, int q0, int q1, int64_t n, int k, float* os, int64_t* oi) {
         const size_t e0 = (size_t)bh * NA;
+        const float* qf = q + (size_t)bh * T * D;
+        const char* kb = (const char*)keys + e0 * D * ke;
         // Limits per query (x budget_scale). Break-even measured here: a candidate costs ~40 ns, the int8 tile
         // saves 0.53 (bf16) / 1.1 (fp32) ns per entry, so a 4092-entry chunk pays while it adds fewer than
         // ~54 / ~113 candidates per query; the limit is twice that. After the 1020-entry probe a spread key
@@ -660,25 +666,19 @@ int mt_topk_i8(int mode, const float* q, const void* keys, int keys_bf16, const 
         const I8Limits limits{budget_scale * (k + std::max(2.0 * k, 0.06 * 1020)),
                               budget_scale * (mode == 0 ? 108.0 : 226.0)};
         bool done = false;
-#define MT_RUN(DD) done = use_i8[bh] && run_task_i8<DD>(q + (size_t)bh * T * D, (const char*)keys + e0 * D * ke, keys_bf16, codes + e0 * D, \
-            kscale + e0, kerr + e0, knorm + e0, n, (int)D, q0, q1, k, os, oi, (int)kk, limits)
+#define MT_RUN(DD) done = use_i8[bh] && run_task_i8<DD>(qf, kb, keys_bf16, codes + e0 * D, kscale + e0, kerr + e0, \
+            knorm + e0, n, (int)D, q0, q1, k, os, oi, (int)kk, limits)
         if (D == 64) MT_RUN(64); else if (D == 128) MT_RUN(128); else if (D == 32) MT_RUN(32); else MT_RUN(0);
 #undef MT_RUN
         if (done) return;
         use_i8[bh] = 0;  // the caller may skip the prefilter for this (slot, head) next time
         fallbacks += q1 - q0;
-        const float* qf = q + (size_t)bh * T * D;
-        const char* kb = (const char*)keys + e0 * D * ke;
         if (mode == 1) {
-#define MT_RUN(DD) run_task<1, DD>(qf, kb, keys_bf16, n, (int)T, (int)D, q0, q1, k, os, oi, (int)kk)
-            if (D == 64) MT_RUN(64); else if (D == 128) MT_RUN(128); else if (D == 32) MT_RUN(32); else MT_RUN(0);
-#undef MT_RUN
+            run_plain(1, qf, kb, keys_bf16, n, T, D, q0, q1, k, os, oi, kk);
         } else {  // bf16 queries: the fp32 ones were rounded to bf16 already, so the top half is exact
             std::vector<uint16_t> qh((size_t)T * D);
             for (size_t e = 0; e < qh.size(); e++) { uint32_t u; memcpy(&u, qf + e, 4); qh[e] = (uint16_t)(u >> 16); }
-#define MT_RUN(DD) run_task<0, DD>(qh.data(), kb, keys_bf16, n, (int)T, (int)D, q0, q1, k, os, oi, (int)kk)
-            if (D == 64) MT_RUN(64); else if (D == 128) MT_RUN(128); else if (D == 32) MT_RUN(32); else MT_RUN(0);
-#undef MT_RUN
+            run_plain(0, qh.data(), kb, keys_bf16, n, T, D, q0, q1, k, os, oi, kk);
         }
     });
     return (int)fallbacks.load();
