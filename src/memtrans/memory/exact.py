@@ -68,7 +68,7 @@ class ExactMemory(MemoryBackend):
         if self.fast and self.device.type == "cpu":
             from memtrans.memory import fast_topk
             codes = None
-            if self._use_int8() and fast_topk.supports(self.keys, self.score_dtype):
+            if self.active_path() == "fused-int8":
                 if self._codes is None or self._codes.entries != self.keys.shape[2]:
                     self._codes = fast_topk.Int8Codes.of(self.keys)
                 codes = self._codes
