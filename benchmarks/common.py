@@ -79,20 +79,19 @@ def trained_keys(run_dir: str, n: int, split: str = "train", layer: int | None =
     concatenated: this measures retrieval on a trained key distribution, not within-document recall."""
     from pathlib import Path
 
-    from memtrans.config import load_config
     from memtrans.data import DocumentStream, prepare_data
+    from memtrans.eval.evaluate import _load_run  # the evaluator's checks: run dir, config, checkpoint match
     from memtrans.model import MemorizingTransformer
-    from memtrans.train.checkpoint import checkpoint_path, load_checkpoint
 
-    run = Path(run_dir)
-    if not (run / "config.yaml").is_file() or not checkpoint_path(run).is_file():
-        raise SystemExit(f"--run {run_dir}: needs a training run directory with config.yaml and a checkpoint")
-    cfg = load_config(run / "config.yaml")
+    try:
+        cfg, ckpt = _load_run(Path(run_dir), None)
+    except ValueError as e:
+        raise SystemExit(f"--run {run_dir}: {e}") from None
     if not cfg.model.memory_layers:
         raise SystemExit(f"--run {run_dir}: the run has no memory layer (model.memory_layers is empty)")
     layer = cfg.model.memory_layers[0] if layer is None else layer
     model = MemorizingTransformer(cfg.model)
-    model.load_state_dict(load_checkpoint(checkpoint_path(run))["model"])
+    model.load_state_dict(ckpt["model"])
     model.eval()
     docs = prepare_data(cfg.data, cfg.train.seed).splits[split]
     stream = DocumentStream(docs, batch, cfg.model.segment_len, seed=0, loop=False, shuffle=False)  # no repeats
