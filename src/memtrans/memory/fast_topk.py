@@ -40,6 +40,7 @@ import ctypes
 import hashlib
 import os
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -68,6 +69,19 @@ const int GROUP = 12;  // int8 prefilter: keys per tile and per shared code scal
 struct Cand { float s; int64_t i; };
 // Ranking order: higher score first, ties to the lower ring index (a functor, so the sorts inline it).
 struct Better { bool operator()(const Cand& a, const Cand& b) const { return a.s > b.s || (a.s == b.s && a.i < b.i); } };
+// The Better order as one unsigned integer (larger ranks first): the score's bits mapped to an order-preserving
+// uint32 above the complemented ring index (so ties go to the lower index). Ring indices are < 2^32.
+inline uint64_t rank_key(const Cand& c) {
+    uint32_t u; memcpy(&u, &c.s, 4);
+    u ^= (u >> 31) ? 0xFFFFFFFFu : 0x80000000u;
+    return ((uint64_t)u << 32) | (uint32_t)~(uint32_t)c.i;
+}
+inline Cand rank_cand(uint64_t r) {
+    uint32_t u = (uint32_t)(r >> 32);
+    u ^= (u >> 31) ? 0x80000000u : 0xFFFFFFFFu;
+    float s; memcpy(&s, &u, 4);
+    return Cand{s, (int64_t)(uint32_t)~(uint32_t)r};
+}
 inline float bf16_to_float(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 template <class T> struct Aligned64 {  // allocator for vectors read with aligned 512-bit loads
     using value_type = T;
@@ -265,7 +279,9 @@ struct Band {
     __attribute__((noinline)) void compact(int b) {  // drop what the thresholds exclude now; amortised O(1)
         auto& v = log[b];
         const float* th = &thr[(size_t)b * QB];
-        used[b] = std::remove_if(v.begin(), v.begin() + used[b], [th](const Rec& e) { return e.f <= th[e.lane]; }) - v.begin();
+        size_t w = 0;  // branch-free: whether an entry survives is a coin flip to the predictor
+        for (size_t r = 0; r < used[b]; r++) { const Rec e = v[r]; v[w] = e; w += e.f > th[e.lane]; }
+        used[b] = w;
         if (2 * used[b] > v.size()) v.resize(2 * v.size());
     }
     __attribute__((target("avx512f")))
@@ -463,6 +479,7 @@ bool run_task_i8(const float* q, const void* keys, int keys_bf16, const uint8_t*
     // score lb is a lower bound on the final k-th best, so a survivor needs its exact score only if its
     // upper bound s_q (f + margin / 2) reaches lb. That halves the rescoring when the band is crowded.
     std::vector<Cand> ex, rest, bucket;
+    std::vector<uint64_t> ranked;
     std::vector<size_t> start(QB + 1), pos(QB);
     const size_t row = (size_t)D * (keys_bf16 ? 2 : 4);
     for (int t = 0; t < nq; t++) {
@@ -496,19 +513,25 @@ bool run_task_i8(const float* q, const void* keys, int keys_bf16, const uint8_t*
         rescore(ex, 0);
         const size_t first = ex.size();
         if ((int)ex.size() >= k) {
-            std::nth_element(ex.begin(), ex.begin() + (k - 1), ex.end(), Better());
-            const float cut = ex[k - 1].s * band.inv[t] - 0.5f * band.margin[t];
+            float lb = ex[0].s;  // the k-th best exact score among ex: its minimum when it holds k entries (the usual case)
+            if ((int)ex.size() == k) for (const Cand& e : ex) lb = std::min(lb, e.s);
+            else { std::nth_element(ex.begin(), ex.begin() + (k - 1), ex.end(), Better()); lb = ex[k - 1].s; }
+            const float cut = lb * band.inv[t] - 0.5f * band.margin[t];
             for (const Cand& e : rest) if (e.s >= cut) ex.push_back(e);
         } else {
             ex.insert(ex.end(), rest.begin(), rest.end());
         }
         rescore(ex, first);
+        // The best r, ordered, as one integer each (rank_key): integer compares made this select 2.5x faster.
         const int r = std::min((int)ex.size(), kk);
-        if (r > 0 && r < (int)ex.size()) std::nth_element(ex.begin(), ex.begin() + (r - 1), ex.end(), Better());
-        std::sort(ex.begin(), ex.begin() + r, Better());
+        ranked.resize(ex.size());
+        for (size_t u = 0; u < ex.size(); u++) ranked[u] = rank_key(ex[u]);
+        if (r > 0 && r < (int)ex.size()) std::nth_element(ranked.begin(), ranked.begin() + (r - 1), ranked.end(), std::greater<uint64_t>());
+        std::sort(ranked.begin(), ranked.begin() + r, std::greater<uint64_t>());
         for (int u = 0; u < kk; u++) {
-            out_s[(size_t)t * kk + u] = u < r ? ex[u].s : -INFINITY;
-            out_i[(size_t)t * kk + u] = u < r ? ex[u].i : 0;
+            const Cand e = u < r ? rank_cand(ranked[u]) : Cand{-INFINITY, 0};
+            out_s[(size_t)t * kk + u] = e.s;
+            out_i[(size_t)t * kk + u] = e.i;
         }
     }
     return true;
@@ -650,7 +673,7 @@ int mt_topk_i8(int mode, const float* q, const void* keys, int keys_bf16, const 
                const float* kerr, const float* knorm, const int64_t* counts,
                int64_t B, int64_t H, int64_t T, int64_t D, int64_t NA, int64_t kk, float* out_s, int64_t* out_i,
                int nthreads, double budget_scale, uint8_t* use_i8) {
-    if (D % 4 || (mode == 0 && !keys_bf16)) return -1;
+    if (D % 4 || (mode == 0 && !keys_bf16) || NA > (int64_t)UINT32_MAX) return -1;  // rank_key: indices < 2^32
     std::atomic<int64_t> fallbacks(0);
     const size_t ke = keys_bf16 ? 2 : 4;
     for_each_task(B, H, T, NA, kk, counts, out_s, out_i, nthreads,
@@ -754,13 +777,39 @@ def unavailable_reason() -> str | None:
     return _error
 
 
+_HUGE_PAGE = 2 << 20
+_madvise = None
+
+
+def empty_huge(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """torch.empty on the CPU, advised onto transparent huge pages (Linux, THP in madvise or always mode) where it
+    spans whole 2 MiB pages. Why: with 4 KiB pages every fresh 16 MiB search output took 4,096 page faults on its
+    first write (gathering the retrieved rows of a 262K ring into a fresh output took 10-12 ms, into a reused one
+    2.7 ms, one thread), and rows read at random from a ring of hundreds of MiB miss the TLB. Advice only: the
+    caller still initialises the memory, and where the kernel refuses the advice the tensor keeps small pages."""
+    global _madvise
+    t = torch.empty(shape, dtype=dtype)
+    nbytes = t.numel() * t.element_size()
+    start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE  # the 2 MiB-aligned interior
+    stop = (t.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+    if stop > start and sys.platform.startswith("linux"):
+        try:
+            if _madvise is None:
+                _madvise = ctypes.CDLL(None, use_errno=True).madvise
+                _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            _madvise(start, stop - start, 14)  # MADV_HUGEPAGE
+        except (OSError, AttributeError):
+            _madvise = lambda *args: -1  # noqa: E731 - no madvise here: keep small pages
+    return t
+
+
 def gather_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """table[rows] for a contiguous CPU table [R, ...] and int64 row ids: the kernel's prefetching copy where it
     is built (3-6x faster than index_select on scattered rows here), else index_select."""
     rows = rows.to(torch.int64).contiguous()
     if table.device.type != "cpu" or not table.is_contiguous() or rows.device.type != "cpu" or _load() is None:
         return table.index_select(0, rows)
-    out = torch.empty((rows.numel(),) + tuple(table.shape[1:]), dtype=table.dtype)
+    out = empty_huge((rows.numel(),) + tuple(table.shape[1:]), table.dtype)
     if rows.numel():
         if int(rows.min()) < 0 or int(rows.max()) >= table.shape[0]:
             raise IndexError(f"row ids must lie in [0, {table.shape[0]}), got [{int(rows.min())}, {int(rows.max())}]")
@@ -793,7 +842,8 @@ class Int8Codes:
     def of(cls, keys: torch.Tensor) -> "Int8Codes":
         """Codes of a whole ring [B, H, N, D] (contiguous CPU, bf16 or fp32; needs the kernel library)."""
         B, H, N, D = keys.shape
-        out = cls(torch.empty(B, H, N, D, dtype=torch.uint8), torch.empty(B, H, N), torch.empty(B, H, N), torch.empty(B, H, N))
+        out = cls(empty_huge((B, H, N, D), torch.uint8), empty_huge((B, H, N), torch.float32),
+                  empty_huge((B, H, N), torch.float32), empty_huge((B, H, N), torch.float32))
         out._encode(keys, 0, B * H, 0, (N + GROUP - 1) // GROUP)
         return out
 
@@ -853,8 +903,7 @@ def topk(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, k: int
     B, H, T, D = queries.shape
     mode = 0 if score_dtype == torch.bfloat16 else 1
     counts = counts.to(torch.int64).contiguous()
-    out_s = torch.empty(B, H, T, k, dtype=torch.float32)
-    out_i = torch.empty(B, H, T, k, dtype=torch.int64)
+    out_s, out_i = empty_huge((B, H, T, k), torch.float32), empty_huge((B, H, T, k), torch.int64)
     nthreads = int(threads or torch.get_num_threads())
     if codes is not None and D % 4 == 0 and codes.entries == keys.shape[2] and int8_available():
         # exact scores use the same operands as the plain kernel: bf16-rounded queries in bf16 mode
