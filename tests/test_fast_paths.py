@@ -302,16 +302,3 @@ def test_gather_rows_equals_index_select():
     assert fast_topk.gather_rows(table, rows[:0]).shape == (0, 3, 8)
     with pytest.raises(IndexError, match=r"row ids must lie in \[0, 1000\)"):
         fast_topk.gather_rows(table, torch.tensor([3, 1000]))
-
-
-def test_empty_huge_tensors_behave_like_empty_ones():
-    # spans several 2 MiB pages, and a size that covers none; the ring built on them keeps zeros and data
-    for shape, dtype in (((3, 1 << 20), torch.bfloat16), ((5, 7), torch.int64)):
-        t = fast_topk.empty_huge(shape, dtype)
-        assert t.shape == shape and t.dtype == dtype and t.is_contiguous()
-        t.fill_(3)
-        assert int(t.sum()) == 3 * t.numel()
-    mem = ExactMemory(1, 2, 8, 1 << 17, dtype=torch.bfloat16)
-    k = torch.randn(1, 2, 1 << 17, 8)
-    mem.add(k, k)
-    assert mem.keys.shape == (1, 2, 1 << 17, 8) and torch.equal(mem.keys, k.to(torch.bfloat16))

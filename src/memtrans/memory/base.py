@@ -46,8 +46,8 @@ class MemoryBackend:
     # ---- storage -------------------------------------------------------------------------------
     def _allocate(self, n: int) -> None:
         B, H, D = self.batch_size, self.heads, self.head_dim
-        self.keys = _zeros_ring((B, H, n, D), self.dtype, self.device)
-        self.values = _zeros_ring((B, H, n, D), self.dtype, self.device)
+        self.keys = torch.zeros(B, H, n, D, dtype=self.dtype, device=self.device)
+        self.values = torch.zeros(B, H, n, D, dtype=self.dtype, device=self.device)
         self.positions = torch.full((B, n), -1, dtype=torch.long, device=self.device)
 
     def _grow(self, needed: int) -> None:
@@ -181,14 +181,6 @@ class MemoryBackend:
         if x.dim() != 4 or x.shape[0] != self.batch_size or x.shape[1] != self.heads or x.shape[3] != self.head_dim:
             raise ValueError(f"{name} must have shape [batch_size={self.batch_size}, heads={self.heads}, T, "
                              f"head_dim={self.head_dim}], got {tuple(x.shape)}")
-
-
-def _zeros_ring(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zeroed ring buffer; on the CPU on huge pages (search reads rows scattered over hundreds of MiB)."""
-    if device.type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    from memtrans.memory.fast_topk import empty_huge
-    return empty_huge(shape, dtype).zero_()
 
 
 def _as_index(slots, batch_size: int) -> torch.Tensor:

@@ -40,7 +40,6 @@ import ctypes
 import hashlib
 import os
 import subprocess
-import sys
 import tempfile
 import threading
 import warnings
@@ -258,7 +257,13 @@ inline float dot_exact(const float* x, const void* keys, int keys_bf16, int64_t 
     return _mm512_reduce_add_ps(acc);
 }
 
-struct Rec { float f; int32_t lane; int64_t i; };  // a candidate of the block's query `lane`
+// The candidates of one block of QB queries, as parallel arrays (appended a key row at a time with vector
+// stores): f, the block's query (lane) and the ring index. `cap` leaves room for one row's full-width stores.
+struct Log {
+    std::vector<float> f; std::vector<int32_t> lane, idx;
+    size_t used = 0, cap = 0;
+    void reserve(size_t n) { cap = n; f.resize(n + 2 * 16); lane.resize(n + 2 * 16); idx.resize(n + 2 * 16); }
+};
 
 // Pass-1 state of a task. Per query: the k best f seen (`tops`, a SIMD substitute for a min-heap), the
 // threshold thr = k-th best f - margin below which an entry provably cannot enter the top-k, the margin
@@ -268,21 +273,25 @@ struct Band {
     int k, kp;  // kp: k rounded up to 16 lanes
     std::vector<float, Aligned64<float>> tops;  // [nq][kp]: the k best f so far (-inf until filled; pad lanes +inf)
     std::vector<float> kth, margin, thr, inv;
-    std::vector<std::vector<Rec>> log;  // [nq / QB]: log[b][0, used[b]) holds the block's candidates
-    std::vector<size_t> used;
+    std::vector<Log> log;  // [nq / QB]
     size_t appends = 0;  // candidates logged so far (the cost that decides whether the prefilter pays)
     Band(int nq, int k_) : k(k_), kp((k_ + 15) / 16 * 16), tops((size_t)nq * kp), kth(nq, -INFINITY), margin(nq, 0.f),
-                           thr(nq, -INFINITY), inv(nq, 1.f), log(nq / QB, std::vector<Rec>(2048)), used(nq / QB, 0) {
+                           thr(nq, -INFINITY), inv(nq, 1.f), log(nq / QB) {
+        for (auto& lg : log) lg.reserve(2048);
         for (int q = 0; q < nq; q++)
             for (int t = 0; t < kp; t++) tops[(size_t)q * kp + t] = t < k ? -INFINITY : INFINITY;
     }
     __attribute__((noinline)) void compact(int b) {  // drop what the thresholds exclude now; amortised O(1)
-        auto& v = log[b];
+        Log& lg = log[b];
         const float* th = &thr[(size_t)b * QB];
         size_t w = 0;  // branch-free: whether an entry survives is a coin flip to the predictor
-        for (size_t r = 0; r < used[b]; r++) { const Rec e = v[r]; v[w] = e; w += e.f > th[e.lane]; }
-        used[b] = w;
-        if (2 * used[b] > v.size()) v.resize(2 * v.size());
+        for (size_t r = 0; r < lg.used; r++) {
+            const float f = lg.f[r]; const int32_t l = lg.lane[r];
+            lg.f[w] = f; lg.lane[w] = l; lg.idx[w] = lg.idx[r];
+            w += f > th[l];
+        }
+        lg.used = w;
+        if (2 * w > lg.cap) lg.reserve(2 * lg.cap);
     }
     __attribute__((target("avx512f")))
     void top(int q, float f) {  // f beats the k-th best: replace the first lane holding it, take the new minimum
@@ -318,34 +327,43 @@ struct Band {
 
 // Rare path of a tile: some lanes passed the integer pre-compare. acc holds [NKT][32] accumulators. f (as the
 // kernel defines it: s_g * (acc - cq)) is computed for a whole key row at once and checked against the float
-// thresholds; the surviving lanes are logged.
+// thresholds; the lanes that beat their k-th best update it (top), and all surviving lanes are appended to the
+// block's log with compressing vector stores (per-lane scalar appends cost ~2x more here).
 __attribute__((noinline, target("avx512f,avx512bw,avx512vl")))
 void insert_tile(Band& band, int blk, const int32_t* acc, const int32_t* cq, float sg, const uint32_t* masks, int nkt,
                  int64_t j0) {
     const int qoff = blk * QB;
     const __m512i cq0 = _mm512_loadu_si512(cq + qoff), cq1 = _mm512_loadu_si512(cq + qoff + 16);
+    const __m512i iota0 = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i iota1 = _mm512_add_epi32(iota0, _mm512_set1_epi32(16));
     const __m512 sgv = _mm512_set1_ps(sg);
+    Log& lg = band.log[blk];
     alignas(64) float fb[32];
     for (int t = 0; t < nkt; t++) {
-        uint32_t m = masks[t];
-        if (!m) continue;
+        if (!masks[t]) continue;
         const __m512 f0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(acc + t * 32), cq0)), sgv);
         const __m512 f1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(acc + t * 32 + 16), cq1)), sgv);
-        m &= (uint32_t)_mm512_cmp_ps_mask(f0, _mm512_loadu_ps(&band.thr[qoff]), _CMP_GT_OQ) |
-             ((uint32_t)_mm512_cmp_ps_mask(f1, _mm512_loadu_ps(&band.thr[qoff + 16]), _CMP_GT_OQ) << 16);
-        if (!m) continue;
-        _mm512_store_ps(fb, f0); _mm512_store_ps(fb + 16, f1);
-        auto& lg = band.log[blk];
-        size_t u = band.used[blk];
-        band.appends += __builtin_popcount(m);
-        for (; m; m &= m - 1) {
-            const int l = __builtin_ctz(m);
-            const float f = fb[l];
-            if (f > band.kth[qoff + l]) band.top(qoff + l, f);
-            lg[u++] = Rec{f, l, j0 + t};
-            if (u == lg.size()) { band.used[blk] = u; band.compact(blk); u = band.used[blk]; }
+        const __mmask16 a0 = (__mmask16)masks[t] & _mm512_cmp_ps_mask(f0, _mm512_loadu_ps(&band.thr[qoff]), _CMP_GT_OQ);
+        const __mmask16 a1 = (__mmask16)(masks[t] >> 16) & _mm512_cmp_ps_mask(f1, _mm512_loadu_ps(&band.thr[qoff + 16]), _CMP_GT_OQ);
+        if (!(a0 | a1)) continue;
+        uint32_t tops = (uint32_t)(a0 & _mm512_cmp_ps_mask(f0, _mm512_loadu_ps(&band.kth[qoff]), _CMP_GT_OQ)) |
+                        ((uint32_t)(a1 & _mm512_cmp_ps_mask(f1, _mm512_loadu_ps(&band.kth[qoff + 16]), _CMP_GT_OQ)) << 16);
+        if (tops) {
+            _mm512_store_ps(fb, f0); _mm512_store_ps(fb + 16, f1);
+            for (; tops; tops &= tops - 1) { const int l = __builtin_ctz(tops); band.top(qoff + l, fb[l]); }
         }
-        band.used[blk] = u;
+        // compress in registers, then plain stores (a compressing store to memory is slow on some CPUs)
+        size_t u = lg.used;
+        const int n0 = __builtin_popcount(a0), n1 = __builtin_popcount(a1);
+        _mm512_storeu_ps(&lg.f[u], _mm512_maskz_compress_ps(a0, f0));
+        _mm512_storeu_si512(&lg.lane[u], _mm512_maskz_compress_epi32(a0, iota0));
+        _mm512_storeu_ps(&lg.f[u + n0], _mm512_maskz_compress_ps(a1, f1));
+        _mm512_storeu_si512(&lg.lane[u + n0], _mm512_maskz_compress_epi32(a1, iota1));
+        const __m512i iv = _mm512_set1_epi32((int32_t)(j0 + t));
+        _mm512_storeu_si512(&lg.idx[u], iv); _mm512_storeu_si512(&lg.idx[u + 16], iv);
+        lg.used = u + n0 + n1;
+        band.appends += n0 + n1;
+        if (lg.used >= lg.cap) band.compact(blk);
     }
 }
 
@@ -455,7 +473,7 @@ bool run_task_i8(const float* q, const void* keys, int keys_bf16, const uint8_t*
         if (c0 == PROBE) {
             size_t live = 0;
             for (int b = 0; b < nb; b++)
-                for (size_t u = 0; u < band.used[b]; u++) live += band.log[b][u].f > band.thr[b * QB + band.log[b][u].lane];
+                for (size_t u = 0; u < band.log[b].used; u++) live += band.log[b].f[u] > band.thr[b * QB + band.log[b].lane[u]];
             if ((double)live > limits.probe_live * nq) return false;
         } else if (c0 > PROBE && (double)band.appends - appends_before > limits.per_chunk * nq) {
             return false;
@@ -485,13 +503,13 @@ bool run_task_i8(const float* q, const void* keys, int keys_bf16, const uint8_t*
     for (int t = 0; t < nq; t++) {
         const int blk = t / QB, lane = t % QB;
         if (lane == 0) {  // bucket the block's log by query (counting sort)
-            const auto& lg = band.log[blk];
-            const size_t used = band.used[blk];
+            const Log& lg = band.log[blk];
+            const size_t used = lg.used;
             std::fill(start.begin(), start.end(), 0);
-            for (size_t u = 0; u < used; u++) start[lg[u].lane + 1]++;
+            for (size_t u = 0; u < used; u++) start[lg.lane[u] + 1]++;
             for (int l = 0; l < QB; l++) { start[l + 1] += start[l]; pos[l] = start[l]; }
             bucket.resize(used);
-            for (size_t u = 0; u < used; u++) bucket[pos[lg[u].lane]++] = Cand{lg[u].f, lg[u].i};
+            for (size_t u = 0; u < used; u++) bucket[pos[lg.lane[u]]++] = Cand{lg.f[u], lg.idx[u]};
         }
         const float thr = band.thr[t], kth = band.kth[t];
         ex.clear(); rest.clear();
@@ -777,39 +795,13 @@ def unavailable_reason() -> str | None:
     return _error
 
 
-_HUGE_PAGE = 2 << 20
-_madvise = None
-
-
-def empty_huge(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """torch.empty on the CPU, advised onto transparent huge pages (Linux, THP in madvise or always mode) where it
-    spans whole 2 MiB pages. Why: with 4 KiB pages every fresh 16 MiB search output took 4,096 page faults on its
-    first write (gathering the retrieved rows of a 262K ring into a fresh output took 10-12 ms, into a reused one
-    2.7 ms, one thread), and rows read at random from a ring of hundreds of MiB miss the TLB. Advice only: the
-    caller still initialises the memory, and where the kernel refuses the advice the tensor keeps small pages."""
-    global _madvise
-    t = torch.empty(shape, dtype=dtype)
-    nbytes = t.numel() * t.element_size()
-    start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE  # the 2 MiB-aligned interior
-    stop = (t.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
-    if stop > start and sys.platform.startswith("linux"):
-        try:
-            if _madvise is None:
-                _madvise = ctypes.CDLL(None, use_errno=True).madvise
-                _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            _madvise(start, stop - start, 14)  # MADV_HUGEPAGE
-        except (OSError, AttributeError):
-            _madvise = lambda *args: -1  # noqa: E731 - no madvise here: keep small pages
-    return t
-
-
 def gather_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """table[rows] for a contiguous CPU table [R, ...] and int64 row ids: the kernel's prefetching copy where it
     is built (3-6x faster than index_select on scattered rows here), else index_select."""
     rows = rows.to(torch.int64).contiguous()
     if table.device.type != "cpu" or not table.is_contiguous() or rows.device.type != "cpu" or _load() is None:
         return table.index_select(0, rows)
-    out = empty_huge((rows.numel(),) + tuple(table.shape[1:]), table.dtype)
+    out = torch.empty((rows.numel(),) + tuple(table.shape[1:]), dtype=table.dtype)
     if rows.numel():
         if int(rows.min()) < 0 or int(rows.max()) >= table.shape[0]:
             raise IndexError(f"row ids must lie in [0, {table.shape[0]}), got [{int(rows.min())}, {int(rows.max())}]")
@@ -842,8 +834,7 @@ class Int8Codes:
     def of(cls, keys: torch.Tensor) -> "Int8Codes":
         """Codes of a whole ring [B, H, N, D] (contiguous CPU, bf16 or fp32; needs the kernel library)."""
         B, H, N, D = keys.shape
-        out = cls(empty_huge((B, H, N, D), torch.uint8), empty_huge((B, H, N), torch.float32),
-                  empty_huge((B, H, N), torch.float32), empty_huge((B, H, N), torch.float32))
+        out = cls(torch.empty(B, H, N, D, dtype=torch.uint8), torch.empty(B, H, N), torch.empty(B, H, N), torch.empty(B, H, N))
         out._encode(keys, 0, B * H, 0, (N + GROUP - 1) // GROUP)
         return out
 
@@ -903,7 +894,8 @@ def topk(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, k: int
     B, H, T, D = queries.shape
     mode = 0 if score_dtype == torch.bfloat16 else 1
     counts = counts.to(torch.int64).contiguous()
-    out_s, out_i = empty_huge((B, H, T, k), torch.float32), empty_huge((B, H, T, k), torch.int64)
+    out_s = torch.empty(B, H, T, k, dtype=torch.float32)
+    out_i = torch.empty(B, H, T, k, dtype=torch.int64)
     nthreads = int(threads or torch.get_num_threads())
     if codes is not None and D % 4 == 0 and codes.entries == keys.shape[2] and int8_available():
         # exact scores use the same operands as the plain kernel: bf16-rounded queries in bf16 mode
