@@ -116,11 +116,12 @@ class MemoryBackend:
         self._check(queries, "queries")
         filled = int(self.count.max())
         kk = min(k, filled)
+        gathered = []  # an engine may return the retrieved (key, value) rows itself
         if kk == 0:
             idx = torch.zeros(B, H, T, 0, dtype=torch.long, device=self.device)
             scores = torch.zeros(B, H, T, 0, device=self.device)
         else:
-            scores, idx = self._topk(queries.detach(), kk, filled)
+            scores, idx, *gathered = self._topk(queries.detach(), kk, filled)
         valid = torch.isfinite(scores)
         idx = torch.where(valid, idx, torch.zeros_like(idx))
         if kk < k:  # pad to a fixed k with invalid entries
@@ -130,21 +131,26 @@ class MemoryBackend:
             valid = torch.cat([valid, valid.new_zeros(B, H, T, pad)], -1)
         if self.keys.shape[2] == 0:
             self._grow(1)
-        # Row gathers (contiguous D-wide rows) instead of gather over an expanded index, which was ~8 ns per
-        # element and cost more than the search itself at 8K entries; on CPU a prefetching copy (gather_rows).
-        from memtrans.memory.fast_topk import gather_rows
         n = self.keys.shape[2]
-        bh = torch.arange(B * H, device=self.device).view(B, H, 1) * n
-        rows = (bh + idx.reshape(B, H, T * k)).reshape(-1)
-        keys = gather_rows(self.keys.reshape(B * H * n, D), rows).view(B, H, T, k, D)
-        values = gather_rows(self.values.reshape(B * H * n, D), rows).view(B, H, T, k, D)
+        if gathered and kk == k:
+            keys, values = gathered
+        else:
+            # Row gathers (contiguous D-wide rows) instead of gather over an expanded index, which was ~8 ns per
+            # element and cost more than the search itself at 8K entries; on CPU a prefetching copy (gather_rows).
+            from memtrans.memory.fast_topk import gather_rows
+            bh = torch.arange(B * H, device=self.device).view(B, H, 1) * n
+            rows = (bh + idx.reshape(B, H, T * k)).reshape(-1)
+            keys = gather_rows(self.keys.reshape(B * H * n, D), rows).view(B, H, T, k, D)
+            values = gather_rows(self.values.reshape(B * H * n, D), rows).view(B, H, T, k, D)
         prow = (torch.arange(B, device=self.device).view(B, 1, 1) * n + idx.reshape(B, H, T * k)).reshape(-1)
         pos = self.positions.reshape(-1).index_select(0, prow).view(B, H, T, k)
         pos = torch.where(valid, pos, torch.full_like(pos, -1))
         return SearchResult(keys, values, scores.float(), valid, pos, idx)
 
-    def _topk(self, queries: torch.Tensor, k: int, filled: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (scores [B,H,T,k], ring indices [B,H,T,k]); -inf scores mark missing results."""
+    def _topk(self, queries: torch.Tensor, k: int, filled: int) -> tuple[torch.Tensor, ...]:
+        """Return (scores [B,H,T,k], ring indices [B,H,T,k]); -inf scores mark missing results, whose index
+        must then be 0. An engine that has the retrieved rows at hand may append them: (..., keys, values),
+        each [B,H,T,k,D] in the ring dtype."""
         raise NotImplementedError
 
     def _valid_entries(self, n: int) -> torch.Tensor:

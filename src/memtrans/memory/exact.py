@@ -64,7 +64,7 @@ class ExactMemory(MemoryBackend):
         from memtrans.memory import fast_topk
         return self.prefilter == "int8" and self.head_dim % 4 == 0 and fast_topk.int8_available()
 
-    def _topk(self, queries: torch.Tensor, k: int, filled: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _topk(self, queries: torch.Tensor, k: int, filled: int) -> tuple[torch.Tensor, ...]:
         if self.fast and self.device.type == "cpu":
             from memtrans.memory import fast_topk
             codes = None
@@ -75,7 +75,8 @@ class ExactMemory(MemoryBackend):
                 self._searches += 1
                 if self._searches % self.reprobe_every == 0:
                     self._int8_ok.fill_(1)
-            out = fast_topk.topk(queries, self.keys, self.count, k, self.score_dtype, codes=codes, use_int8=self._int8_ok)
+            out = fast_topk.topk(queries, self.keys, self.count, k, self.score_dtype, codes=codes, use_int8=self._int8_ok,
+                                 values=self.values if self.values.dtype == self.keys.dtype else None)
             if out is not None:
                 return out
         return self._topk_reference(queries, k, filled)

@@ -570,11 +570,28 @@ int64_t query_split(int64_t B, int64_t H, int64_t T, int nthreads) {  // split q
     return nthreads > 1 ? std::max<int64_t>(1, std::min<int64_t>((T + 127) / 128, (4 * nthreads + B * H - 1) / (B * H))) : 1;
 }
 
+// dst[e] = src[rows[e]] for n rows of row_bytes bytes, prefetching ahead (the rows are scattered over the ring).
+void copy_rows(const char* src, const int64_t* rows, int64_t n, size_t row_bytes, char* dst) {
+    const int64_t ahead = 128;
+    for (int64_t e = 0; e < n; e++) {
+        if (e + ahead < n) {
+            const char* p = src + rows[e + ahead] * row_bytes;
+            for (size_t o = 0; o < row_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+        }
+        memcpy(dst + e * row_bytes, src + rows[e] * row_bytes, row_bytes);
+    }
+}
+
+// Optional output of a search: the retrieved (key, value) rows, [B,H,T,kk] rows of `row` bytes gathered from the
+// rings [B,H,NA] right after each task, while its key rows are still in cache from the exact rescoring
+// (gathering them afterwards, from Python, cost ~5 ms per 131K rows here at 65K entries). Null pointers: none.
+struct RowsOut { const char* keys; const char* values; char* out_k; char* out_v; size_t row; };
+
 // Runs fn(bh, q0, q1, n, k, out_s, out_i) for every (slot, head) and query range of a search on `nthreads`
 // threads; slots with no entries get -inf / 0 here. n: the slot's filled entries, k = min(kk, n).
 template <class F>
 void for_each_task(int64_t B, int64_t H, int64_t T, int64_t NA, int64_t kk, const int64_t* counts, float* out_s,
-                   int64_t* out_i, int nthreads, F fn) {
+                   int64_t* out_i, int nthreads, const RowsOut& rows, F fn) {
     const int64_t qsplit = query_split(B, H, T, nthreads);
     const int64_t per = ((T + qsplit - 1) / qsplit + QB - 1) / QB * QB;
     parallel_tasks(B * H * qsplit, nthreads, [&](int64_t t) {
@@ -585,9 +602,14 @@ void for_each_task(int64_t B, int64_t H, int64_t T, int64_t NA, int64_t kk, cons
         const int64_t n = std::min(counts[b], NA);
         if (n <= 0) {
             for (int64_t e = 0; e < (int64_t)(q1 - q0) * kk; e++) { os[e] = -INFINITY; oi[e] = 0; }
-            return;
+        } else {
+            fn(bh, q0, q1, n, (int)std::min<int64_t>(kk, n), os, oi);
         }
-        fn(bh, q0, q1, n, (int)std::min<int64_t>(kk, n), os, oi);
+        if (rows.out_k) {
+            const size_t src = (size_t)bh * NA * rows.row, dst = ((size_t)bh * T + q0) * kk * rows.row;
+            copy_rows(rows.keys + src, oi, (int64_t)(q1 - q0) * kk, rows.row, rows.out_k + dst);
+            copy_rows(rows.values + src, oi, (int64_t)(q1 - q0) * kk, rows.row, rows.out_v + dst);
+        }
     });
 }
 
@@ -611,13 +633,15 @@ int mt_available() {
 }
 
 // q: [B,H,T,D] (bf16 if mode 0 else fp32); keys: [B,H,NA,D] bf16 or fp32; counts: [B] filled entries.
-// out_s/out_i: [B,H,T,kk]. Returns 0 on success.
+// out_s/out_i: [B,H,T,kk]. values/out_k/out_v: see RowsOut (values has the keys' dtype and shape; may be null).
+// Returns 0 on success.
 int mt_topk(int mode, const void* q, const void* keys, int keys_bf16, const int64_t* counts,
             int64_t B, int64_t H, int64_t T, int64_t D, int64_t NA, int64_t kk, float* out_s, int64_t* out_i,
-            int nthreads) {
+            int nthreads, const void* values, void* out_k, void* out_v) {
     if (D % 2 || (mode == 0 && !keys_bf16)) return 1;
     const size_t qe = mode == 0 ? 2 : 4, ke = keys_bf16 ? 2 : 4;
-    for_each_task(B, H, T, NA, kk, counts, out_s, out_i, nthreads,
+    const RowsOut rows{(const char*)keys, (const char*)values, (char*)out_k, (char*)out_v, (size_t)D * ke};
+    for_each_task(B, H, T, NA, kk, counts, out_s, out_i, nthreads, rows,
                   [&](int64_t bh, int q0, int q1, int64_t n, int k, float* os, int64_t* oi) {
         run_plain(mode, (const char*)q + (size_t)bh * T * D * qe, (const char*)keys + (size_t)bh * NA * D * ke, keys_bf16,
                   n, T, D, q0, q1, k, os, oi, kk);
@@ -662,17 +686,10 @@ void mt_encode_groups(const void* keys, int keys_bf16, int64_t NA, int64_t D, in
     }
 }
 
-// dst[i] = src[rows[i]] for rows of row_bytes bytes, prefetching ahead: the retrieved rows are scattered over
-// the ring, and torch.index_select spent ~38 ns per 128-byte row on them (more than a search at 8K entries).
+// dst[i] = src[rows[i]] for rows of row_bytes bytes: torch.index_select spent ~38 ns per 128-byte row on the
+// scattered retrieved rows (more than a search at 8K entries); this prefetching copy 3-6x less.
 void mt_gather_rows(const char* src, const int64_t* rows, int64_t n, int64_t row_bytes, char* dst) {
-    const int64_t ahead = 128;
-    for (int64_t i = 0; i < n; i++) {
-        if (i + ahead < n) {
-            const char* p = src + rows[i + ahead] * row_bytes;
-            for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
-        }
-        memcpy(dst + i * row_bytes, src + rows[i] * row_bytes, (size_t)row_bytes);
-    }
+    copy_rows(src, rows, n, (size_t)row_bytes, dst);
 }
 
 int mt_available_i8() {
@@ -690,11 +707,12 @@ int mt_available_i8() {
 int mt_topk_i8(int mode, const float* q, const void* keys, int keys_bf16, const uint8_t* codes, const float* kscale,
                const float* kerr, const float* knorm, const int64_t* counts,
                int64_t B, int64_t H, int64_t T, int64_t D, int64_t NA, int64_t kk, float* out_s, int64_t* out_i,
-               int nthreads, double budget_scale, uint8_t* use_i8) {
+               int nthreads, double budget_scale, uint8_t* use_i8, const void* values, void* out_k, void* out_v) {
     if (D % 4 || (mode == 0 && !keys_bf16) || NA > (int64_t)UINT32_MAX) return -1;  // rank_key: indices < 2^32
     std::atomic<int64_t> fallbacks(0);
     const size_t ke = keys_bf16 ? 2 : 4;
-    for_each_task(B, H, T, NA, kk, counts, out_s, out_i, nthreads,
+    const RowsOut rows{(const char*)keys, (const char*)values, (char*)out_k, (char*)out_v, (size_t)D * ke};
+    for_each_task(B, H, T, NA, kk, counts, out_s, out_i, nthreads, rows,
                   [&](int64_t bh, int q0, int q1, int64_t n, int k, float* os, int64_t* oi) {
         const size_t e0 = (size_t)bh * NA;
         const float* qf = q + (size_t)bh * T * D;
@@ -768,11 +786,12 @@ def _load():
             lib.mt_available.restype = ctypes.c_int
             lib.mt_topk.restype = ctypes.c_int
             lib.mt_topk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p] + \
-                [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+                [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 3
             lib.mt_available_i8.restype = ctypes.c_int
             lib.mt_topk_i8.restype = ctypes.c_int
             lib.mt_topk_i8.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5 + \
-                [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_double, ctypes.c_void_p]
+                [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_double, ctypes.c_void_p] + \
+                [ctypes.c_void_p] * 3
             lib.mt_encode_groups.restype = None
             lib.mt_encode_groups.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 4
             lib.mt_gather_rows.restype = None
@@ -877,7 +896,8 @@ def supports(keys: torch.Tensor, score_dtype: torch.dtype) -> bool:
 
 def topk(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, k: int, score_dtype: torch.dtype,
          threads: int | None = None, codes: Int8Codes | None = None,
-         int8_budget: float = 1.0, use_int8: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+         int8_budget: float = 1.0, use_int8: torch.Tensor | None = None,
+         values: torch.Tensor | None = None) -> tuple[torch.Tensor, ...] | None:
     """Exact top-k of queries [B,H,T,D] against each slot's filled ring prefix keys[b, :, :counts[b]].
 
     With `codes` (the ring's Int8Codes, head_dim % 4 == 0, VNNI CPU) an int8 prefilter drops the entries that
@@ -887,16 +907,25 @@ def topk(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, k: int
     `use_int8` (uint8 [B, H], updated in place) lets a caller remember which (slot, head)s fell back: 0 runs
     the plain kernel straight away.
     Returns (scores fp32 [B,H,T,k], ring indices int64 [B,H,T,k]) with -inf / 0 where a slot holds fewer
-    than k entries, or None when the kernel cannot handle the inputs (the caller then falls back).
+    than k entries, or None when the kernel cannot handle the inputs (the caller then falls back). With
+    `values` (the value ring, the keys' dtype and shape) it also returns the retrieved rows, keys and values
+    [B,H,T,k,D] (row 0 where invalid), gathered per (slot, head) right after its search while the key rows are
+    still in cache.
     """
     if not supports(keys, score_dtype):
         return None
+    if values is not None and (values.dtype != keys.dtype or values.shape != keys.shape or not values.is_contiguous()
+                               or values.device != keys.device):
+        raise ValueError(f"values must be a contiguous ring like keys {tuple(keys.shape)} {keys.dtype}, "
+                         f"got {tuple(values.shape)} {values.dtype}")
     B, H, T, D = queries.shape
     mode = 0 if score_dtype == torch.bfloat16 else 1
     counts = counts.to(torch.int64).contiguous()
     out_s = torch.empty(B, H, T, k, dtype=torch.float32)
     out_i = torch.empty(B, H, T, k, dtype=torch.int64)
     nthreads = int(threads or torch.get_num_threads())
+    rows = () if values is None else (torch.empty(B, H, T, k, D, dtype=keys.dtype), torch.empty(B, H, T, k, D, dtype=keys.dtype))
+    row_ptrs = (None, None, None) if values is None else (values.data_ptr(), rows[0].data_ptr(), rows[1].data_ptr())
     if codes is not None and D % 4 == 0 and codes.entries == keys.shape[2] and int8_available():
         # exact scores use the same operands as the plain kernel: bf16-rounded queries in bf16 mode
         q = queries.detach().to(torch.bfloat16 if mode == 0 else torch.float32).float().contiguous()
@@ -906,16 +935,16 @@ def topk(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, k: int
         rc = _lib.mt_topk_i8(mode, q.data_ptr(), keys.data_ptr(), int(keys.dtype == torch.bfloat16), codes.codes.data_ptr(),
                              codes.scale.data_ptr(), codes.err.data_ptr(), codes.norm.data_ptr(),
                              counts.data_ptr(), B, H, T, D, keys.shape[2], k, out_s.data_ptr(), out_i.data_ptr(),
-                             nthreads, float(int8_budget), flags.data_ptr())
+                             nthreads, float(int8_budget), flags.data_ptr(), *row_ptrs)
         if rc < 0:
             return None
         stats["int8_queries"] += B * H * T
         stats["int8_fallback_queries"] += rc
-        return out_s, out_i
+        return (out_s, out_i) + rows
     q = queries.detach().to(torch.bfloat16 if mode == 0 else torch.float32).contiguous()
     rc = _lib.mt_topk(mode, q.data_ptr(), keys.data_ptr(), int(keys.dtype == torch.bfloat16), counts.data_ptr(),
                       B, H, T, D, keys.shape[2], k, out_s.data_ptr(), out_i.data_ptr(),
-                      nthreads)
+                      nthreads, *row_ptrs)
     if rc != 0:
         return None
-    return out_s, out_i
+    return (out_s, out_i) + rows
