@@ -545,12 +545,15 @@ bool run_task_i8(const float* q, const void* keys, int keys_bf16, const uint8_t*
             for (size_t u = 0; u < used; u++) bucket[pos[lg.lane[u]]++] = Cand{lg.f[u], lg.idx[u]};
         }
         const float thr = band.thr[t], kth = band.kth[t];
-        ex.clear(); rest.clear();
-        for (size_t u = start[lane]; u < start[lane + 1]; u++) {
-            const Cand& e = bucket[u];
-            if (e.s >= kth) ex.push_back(e);
-            else if (e.s > thr) rest.push_back(e);
+        const size_t nb_ = start[lane + 1] - start[lane];
+        ex.resize(nb_); rest.resize(nb_);
+        size_t nex = 0, nrest = 0;
+        for (size_t u = start[lane]; u < start[lane + 1]; u++) {  // branch-free: the three ways are unpredictable
+            const Cand e = bucket[u];
+            ex[nex] = e; rest[nrest] = e;
+            nex += e.s >= kth; nrest += (e.s < kth) & (e.s > thr);
         }
+        ex.resize(nex); rest.resize(nrest);
         const float* xt = q + (size_t)(q0 + t) * D;
         auto rescore = [&](std::vector<Cand>& v, size_t from) {  // rows are scattered over the ring: prefetch
             for (size_t u = from; u < v.size(); u++) {
@@ -568,7 +571,10 @@ bool run_task_i8(const float* q, const void* keys, int keys_bf16, const uint8_t*
             if ((int)ex.size() == k) for (const Cand& e : ex) lb = std::min(lb, e.s);
             else { std::nth_element(ex.begin(), ex.begin() + (k - 1), ex.end(), Better()); lb = ex[k - 1].s; }
             const float cut = lb * band.inv[t] - 0.5f * band.margin[t];
-            for (const Cand& e : rest) if (e.s >= cut) ex.push_back(e);
+            size_t n = ex.size();
+            ex.resize(n + rest.size());
+            for (const Cand& e : rest) { ex[n] = e; n += e.s >= cut; }  // branch-free, as above
+            ex.resize(n);
         } else {
             ex.insert(ex.end(), rest.begin(), rest.end());
         }
