@@ -302,3 +302,25 @@ def test_gather_rows_equals_index_select():
     assert fast_topk.gather_rows(table, rows[:0]).shape == (0, 3, 8)
     with pytest.raises(IndexError, match=r"row ids must lie in \[0, 1000\)"):
         fast_topk.gather_rows(table, torch.tensor([3, 1000]))
+
+
+@pytest.mark.parametrize("prefilter", PREFILTERS)
+@pytest.mark.parametrize("ring_dtype", [torch.bfloat16, torch.float32])
+def test_rows_gathered_by_the_kernel_are_the_ring_rows_at_the_returned_indices(prefilter, ring_dtype):
+    # slot 1 holds fewer entries than k, so some results are invalid (index 0, its row 0); a wrapped ring
+    fast, _ = build(2, 3, 16, 300, [420, 5], ring_dtype, torch.float32, seed=3, prefilter=prefilter)
+    q = torch.randn(2, 3, 40, 16, generator=torch.Generator().manual_seed(4))
+    res = fast.search(q, 8)
+    assert fast.active_path(q) == PATH[prefilter]
+    b, h = torch.arange(2)[:, None, None, None], torch.arange(3)[None, :, None, None]
+    assert torch.equal(res.keys, fast.keys[b, h, res.indices]) and torch.equal(res.values, fast.values[b, h, res.indices])
+    assert torch.equal(res.positions, torch.where(res.valid, fast.positions[b, res.indices], -1))
+    assert res.valid[0].all() and (~res.valid[1]).sum() == 3 * 40 * 3 and (res.indices[~res.valid] == 0).all()
+    # the same rows from topk(values=...) directly, also when every (slot, head) falls back to the plain kernel
+    for budget in (float("inf"), 0.0):
+        codes = fast_topk.Int8Codes.of(fast.keys) if prefilter == "int8" else None
+        s, i, k_rows, v_rows = fast_topk.topk(q, fast.keys, fast.count, 8, torch.float32, codes=codes,
+                                              int8_budget=budget, values=fast.values)
+        assert torch.equal(i, res.indices) and torch.equal(k_rows, res.keys) and torch.equal(v_rows, res.values)
+    with pytest.raises(ValueError, match="values must be a contiguous ring like keys"):
+        fast_topk.topk(q, fast.keys, fast.count, 8, torch.float32, values=fast.values[:, :2])
