@@ -237,9 +237,10 @@ void run_task(const void* q, const void* keys, int keys_bf16, int64_t n, int T, 
 // nothing needed is dropped); pass 2 scores the survivors exactly (fp32 products of the same operands as
 // the plain kernel) and takes their top-k. The result is the exact top-k of the exact scores.
 // What it costs (one thread, 65K entries x 8 heads x 512 queries): the tiles alone run at ~93% of the
-// vpdpbusd peak; the rest is the candidates: ~500-750 per query pass the bound (k ln(n/k) new k-th bests
-// plus the 2 E_q band), and each costs ~40 ns (tile entry, log, exact re-rank). A tighter bound per key
-// (lower side) or per group (upper side) was measured and cost more than it saved.
+// vpdpbusd peak (~100 ms); the rest is the candidates: ~450 per query pass the bound (k ln(n/k) ~ 275 new
+// k-th bests plus the 2 E_q band), at ~24 ns each (tile entry, log, compaction, exact re-rank). A tighter
+// bound per key (lower side) or per group (upper side) was measured and cost more than it saved.
+
 // max |x[d]| over D floats.
 __attribute__((target("avx512f")))
 inline float max_abs(const float* x, int D) {
@@ -764,12 +765,13 @@ int mt_topk_i8(int mode, const float* q, const void* keys, int keys_bf16, const 
         const size_t e0 = (size_t)bh * NA;
         const float* qf = q + (size_t)bh * T * D;
         const char* kb = (const char*)keys + e0 * D * ke;
-        // Limits per query (x budget_scale). Break-even measured here: a candidate costs ~40 ns, the int8 tile
-        // saves 0.53 (bf16) / 1.1 (fp32) ns per entry, so a 4092-entry chunk pays while it adds fewer than
-        // ~54 / ~113 candidates per query; the limit is twice that. After the 1020-entry probe a spread key
-        // distribution leaves k plus a few dozen live candidates, a crowded one hundreds.
-        const I8Limits limits{budget_scale * (k + std::max(2.0 * k, 0.06 * 1020)),
-                              budget_scale * (mode == 0 ? 108.0 : 226.0)};
+        // Limits per query (x budget_scale). After the 1020-entry probe a spread key distribution leaves k plus
+        // a few dozen live candidates, a crowded one hundreds. Per 4092-entry chunk: 220 added candidates, for
+        // both score dtypes, chosen by timing searches at scaled limits on four key sets (README, Speed): a
+        // candidate costs ~24 ns and the int8 tile saves ~0.45 (bf16) / ~1.0 (fp32) ns per entry, but an early
+        // chunk adds more candidates than the later ones (the thresholds still rise), so the limit sits
+        // above the single-chunk break-even (~77 / ~170), and a lower bf16 limit sent spread keys to the plain kernel.
+        const I8Limits limits{budget_scale * (k + std::max(2.0 * k, 0.06 * 1020)), budget_scale * 220.0};
         bool done = false;
 #define MT_RUN(DD) done = use_i8[bh] && run_task_i8<DD>(qf, kb, keys_bf16, codes + e0 * D, kscale + e0, kerr + e0, \
             knorm + e0, n, (int)D, q0, q1, k, os, oi, (int)kk, limits)
