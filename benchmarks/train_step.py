@@ -3,7 +3,11 @@
 Variants (interleaved in one process, one model per memory size, same seed): no memory, and one memory
 layer (layer depth-2) whose memory is pre-filled to capacity with random unit keys written directly with
 `memory.add` (no forward passes), so every step pays the full-memory retrieval cost; each in fp32 and/or
-bf16 autocast. The memory's ring stays bf16 and the exact engine uses `--score-dtype` (default bf16 scores,
+bf16 autocast. Every step reads a fresh random segment, as a stream would (the same sequence for every
+variant). The last column gives the share of retrieval queries that ran the plain fused kernel instead of
+the int8 prefilter: the keys the model itself writes each step score alike for its queries (measured:
+~40% from the third step on, with fresh or with repeated segments), and a crowded band sends a (slot, head)
+to the plain kernel. The memory's ring stays bf16 and the exact engine uses `--score-dtype` (default bf16 scores,
 the ModelConfig default) on the path `--paths` names (fast = fused kernel, reference = torch matmul + topk).
 With fp32 scores the memory layer reuses the retrieval's scores as its logits; with bf16 scores it
 recomputes them from q and the retrieved keys (memtrans.model.attention); the header says which.
@@ -43,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import header, loadavg, matmul_peak  # noqa: E402
 
 from memtrans import ModelConfig  # noqa: E402
-from memtrans.memory import ExactMemory  # noqa: E402
+from memtrans.memory import ExactMemory, fast_topk  # noqa: E402
 from memtrans.model.transformer import MemorizingTransformer  # noqa: E402
 
 
@@ -84,8 +88,10 @@ class Variant:
                 n = min(16384, memory_size - s)
                 x = F.normalize(torch.randn(B, H, n, D, generator=g), dim=-1)
                 mem.add(x, x, torch.arange(s, s + n).expand(B, n))
-        self.tokens = torch.randint(0, self.cfg.vocab_size, (a.batch, a.segment + 1), generator=g)
+        self.batch, self.segment = a.batch, a.segment
+        self.token_gen = torch.Generator().manual_seed(2)  # the same segments, in the same order, for every variant
         self.times: list[float] = []
+        self.int8_queries = self.int8_fallbacks = 0
 
     @property
     def name(self) -> str:
@@ -93,7 +99,9 @@ class Variant:
         return f"{mem}, {self.precision}"
 
     def step(self) -> float:
-        x, y = self.tokens[:, :-1], self.tokens[:, 1:]
+        tokens = torch.randint(0, self.cfg.vocab_size, (self.batch, self.segment + 1), generator=self.token_gen)
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        before = dict(fast_topk.stats)
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             logits, self.state = self.model(x, self.state)
@@ -101,7 +109,10 @@ class Variant:
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
+        t = time.perf_counter() - t0
+        self.int8_queries += fast_topk.stats["int8_queries"] - before["int8_queries"]
+        self.int8_fallbacks += fast_topk.stats["int8_fallback_queries"] - before["int8_fallback_queries"]
+        return t
 
     def flops(self, a) -> tuple[float, float]:
         P = sum(m.weight.numel() for m in self.model.modules() if isinstance(m, torch.nn.Linear))
@@ -165,14 +176,16 @@ def main(argv=None):
     tokens = a.batch * a.segment
     median = {v: sorted(v.times)[len(v.times) // 2] for v in variants}
     base = {v.precision: median[v] for v in variants if not v.memory_size}
-    cols = f"{'variant':<28} {'ms/step':>9} {'tokens/s':>9} {'x no-mem':>8} {'model GF':>9} {'MFU':>6} {'retr. GF':>9}"
+    cols = (f"{'variant':<28} {'ms/step':>9} {'tokens/s':>9} {'x no-mem':>8} {'model GF':>9} {'MFU':>6} {'retr. GF':>9} "
+            f"{'fallback':>8}")
     print(cols)
     print("-" * len(cols))
     for v in variants:
         t = median[v]
         model_f, retr_f = v.flops(a)
         print(f"{v.name:<28} {t * 1e3:>9.0f} {tokens / t:>9.0f} {t / base[v.precision]:>8.2f} {model_f / 1e9:>9.1f} "
-              f"{model_f / t / peaks[v.precision]:>6.1%} {retr_f / 1e9:>9.1f}")
+              f"{model_f / t / peaks[v.precision]:>6.1%} {retr_f / 1e9:>9.1f} "
+              f"{(f'{v.int8_fallbacks / v.int8_queries:.0%}' if v.int8_queries else '-'):>8}")
     print(f"# x no-mem = step time / no-memory step time (same precision); median of {a.reps} after {a.warmup} "
           f"warm-ups; {a.threads} threads; loadavg at start of timing {load_start}, at end {loadavg()}")
     for v in variants:  # the issue-6 targets, wherever this run measured their quantity
