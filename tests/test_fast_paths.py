@@ -276,14 +276,15 @@ def test_int8_codes_follow_the_ring():
 
 @int8_only
 def test_int8_codes_bound_the_error():
-    """What the kernel relies on: k = scale * (codes - 128) + r with |r| = err, |k| = norm, codes - 128 in
-    [-127, 127], and one scale per group of GROUP ring entries (the kernel's tile)."""
+    """What the kernel relies on: k = scale * codes + r with |r| = err, |k| = norm, codes in [-127, 127],
+    corr = -128 * sum(codes), and one scale per group of GROUP ring entries (the kernel's tile)."""
     N = 500  # not a multiple of GROUP: the last group is short
     keys = torch.randn(1, 2, N, 64) * torch.logspace(-4, 4, N)[:, None]
     keys[:, :, 24:36] = 0  # an all-zero group
     c = fast_topk.Int8Codes.of(keys)
-    x, k = keys.double(), c.codes.double() - 128
-    assert k.abs().max() <= 127
+    x, k = keys.double(), c.codes.double()
+    assert c.codes.dtype == torch.int8 and k.abs().max() <= 127
+    assert torch.equal(c.corr, -128 * c.codes.int().sum(-1))
     # err and norm are computed in double and rounded to fp32
     torch.testing.assert_close(c.err.double(), (x - c.scale.double()[..., None] * k).norm(dim=-1), rtol=1e-6, atol=0)
     torch.testing.assert_close(c.norm.double(), x.norm(dim=-1), rtol=1e-6, atol=0)

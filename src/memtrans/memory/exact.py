@@ -22,7 +22,7 @@ class ExactMemory(MemoryBackend):
       matmul in `score_dtype` + torch.topk, the score block bounded by `max_block_elements`.
     On CPUs with AVX-512 VNNI the fast path first runs an int8 prefilter (`prefilter="int8"`, the default;
     `"none"` or env MEMTRANS_EXACT_PREFILTER=none turns it off): the ring keeps int8 codes of its keys
-    (`fast_topk.Int8Codes`, 76 bytes per entry and head next to the 256 of bf16 keys and values; re-encoded
+    (`fast_topk.Int8Codes`, 80 bytes per entry and head next to the 256 of bf16 keys and values; re-encoded
     where `add` writes, rebuilt when the ring grows or is loaded), the kernel scores every entry with VNNI
     int8 products (2x the bf16 rate here), drops those whose approximate score plus a rigorous error bound
     cannot reach the k-th best exact score, and scores the rest exactly. Same top-k, same scores, for both

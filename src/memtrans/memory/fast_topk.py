@@ -366,14 +366,12 @@ struct Band {
 };
 
 // Rare path of a tile: some lanes passed the integer pre-compare. acc holds [NKT][32] accumulators. f (as the
-// kernel defines it: s_g * (acc - cq)) is computed for a whole key row at once and checked against the float
+// kernel defines it: s_g * acc) is computed for a whole key row at once and checked against the float
 // thresholds; the lanes that beat their k-th best update it (top), and all surviving lanes are appended to the
 // block's log with compressing vector stores (per-lane scalar appends cost ~2x more here).
 __attribute__((noinline, target("avx512f,avx512bw,avx512vl")))
-void insert_tile(Band& band, int blk, const int32_t* acc, const int32_t* cq, float sg, const uint32_t* masks, int nkt,
-                 int64_t j0) {
+void insert_tile(Band& band, int blk, const int32_t* acc, float sg, const uint32_t* masks, int nkt, int64_t j0) {
     const int qoff = blk * QB;
-    const __m512i cq0 = _mm512_loadu_si512(cq + qoff), cq1 = _mm512_loadu_si512(cq + qoff + 16);
     const __m512i iota0 = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m512i iota1 = _mm512_add_epi32(iota0, _mm512_set1_epi32(16));
     const __m512 sgv = _mm512_set1_ps(sg);
@@ -381,8 +379,8 @@ void insert_tile(Band& band, int blk, const int32_t* acc, const int32_t* cq, flo
     alignas(64) float fb[32];
     for (int t = 0; t < nkt; t++) {
         if (!masks[t]) continue;
-        const __m512 f0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(acc + t * 32), cq0)), sgv);
-        const __m512 f1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(acc + t * 32 + 16), cq1)), sgv);
+        const __m512 f0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(acc + t * 32)), sgv);
+        const __m512 f1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(acc + t * 32 + 16)), sgv);
         const __mmask16 a0 = (__mmask16)masks[t] & _mm512_cmp_ps_mask(f0, _mm512_loadu_ps(&band.thr[qoff]), _CMP_GT_OQ);
         const __mmask16 a1 = (__mmask16)(masks[t] >> 16) & _mm512_cmp_ps_mask(f1, _mm512_loadu_ps(&band.thr[qoff + 16]), _CMP_GT_OQ);
         if (!(a0 | a1)) continue;
@@ -407,36 +405,38 @@ void insert_tile(Band& band, int blk, const int32_t* acc, const int32_t* cq, flo
     }
 }
 
-#define I8_DECL(t) __m512i c0_##t = _mm512_setzero_si512(), c1_##t = _mm512_setzero_si512();
-#define I8_DP(t) if (NKT > t) { __m512i y = _mm512_set1_epi32((int)kw[(t) * W + w]); \
-    MT_DPBUSD(c0_##t, y, x0); MT_DPBUSD(c1_##t, y, x1); }
-// In-place accumulate via asm: with the intrinsic GCC copied every accumulator each step (2x slower).
-// Operand order (AT&T): vpdpbusd s8, u8, acc; here u8 = the key codes (+128), s8 = the query codes.
-#define MT_DPBUSD(acc, u8, s8) asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8))
+// Accumulators start at the key's correction -128 sum(khat), so that they end at qhat.khat.
+#define I8_DECL(t) __m512i c0_##t, c1_##t; if (NKT > t) c0_##t = c1_##t = _mm512_set1_epi32(kcorr[j + t]);
+#define I8_DP(t) if (NKT > t) { MT_DPBUSD(c0_##t, x0, kw[(t) * W + w]); MT_DPBUSD(c1_##t, x1, kw[(t) * W + w]); }
+// In-place accumulate via asm: with the intrinsic GCC copied every accumulator each step (2x slower). The key
+// word is the instruction's broadcast memory operand ({1to16}) (in the kernel as fast as a separate broadcast,
+// measured; it spares the per-query correction). Operand order (AT&T): vpdpbusd s8, u8, acc: u8 = the query
+// codes (+128), s8 = the key codes (the broadcast operand must be the signed one).
+#define MT_DPBUSD(acc, u8, s8word) asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u8), "m"(s8word))
 #define I8_CHK(t) if (NKT > t) { masks[t] = (uint32_t)_mm512_cmpgt_epi32_mask(c0_##t, th0) | \
     ((uint32_t)_mm512_cmpgt_epi32_mask(c1_##t, th1) << 16); }
 #define I8_ST(t) if (NKT > t) { _mm512_store_si512(buf + t * 32, c0_##t); _mm512_store_si512(buf + t * 32 + 16, c1_##t); }
 #define I8_MAX(t) if (NKT > t && t > 0) { mx0 = _mm512_max_epi32(mx0, c0_##t); mx1 = _mm512_max_epi32(mx1, c1_##t); }
 #define I8_ALL(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8) M(9) M(10) M(11)
 
-// Integer threshold: f = s_g (acc - cq) > thr  <=>  acc > thr / s_g + cq. Rounded down, less one and a
-// relative 2^-20 (covering fp32 rounding), and clamped: it may admit a few extra lanes (insert_tile then
-// checks f itself), never drop one. thr = -inf admits everything, +inf (padding) nothing.
+// Integer threshold: f = s_g acc > thr  <=>  acc > thr / s_g. Rounded down, less one and a relative 2^-20
+// (covering fp32 rounding), and clamped: it may admit a few extra lanes (insert_tile then checks f itself),
+// never drop one. thr = -inf admits everything, +inf (padding) nothing.
 __attribute__((target("avx512f"), always_inline)) inline
-__m512i int_threshold(__m512 thr, __m512 inv_sg, __m512 cqf) {
-    __m512 t = _mm512_fmadd_ps(thr, inv_sg, cqf);
+__m512i int_threshold(__m512 thr, __m512 inv_sg) {
+    __m512 t = _mm512_mul_ps(thr, inv_sg);
     t = _mm512_sub_ps(t, _mm512_fmadd_ps(_mm512_abs_ps(t), _mm512_set1_ps(1.f / (1 << 20)), _mm512_set1_ps(1.f)));
     t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-2.0e9f)), _mm512_set1_ps(2.0e9f));
     return _mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
 }
 
-// One tile: 32 queries (s8 codes, two 16-lane blocks of [W][16] words) x NKT keys (u8 codes = khat + 128)
-// from row j, all in one scale group (j is a multiple of GROUP, or NKT == 1). acc = qhat.khat + cq with
-// cq = 128 sum(qhat) per query, so f = s_g (acc - cq).
+// One tile: 32 queries (u8 codes qhat + 128, two 16-lane blocks of [W][16] words) x NKT keys (s8 codes khat)
+// from row j, all in one scale group (j is a multiple of GROUP, or NKT == 1). acc = sum (qhat + 128) khat
+// + kcorr = qhat.khat (kcorr = -128 sum(khat) per key), so f = s_g acc.
 template <int NKT, int DD>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma"), always_inline)) inline
-void tile_i8(const uint32_t* qa, const uint32_t* qb, const uint8_t* codes, const float* kscale, int Drt, int64_t j,
-             Band& band, const int32_t* cq, int qoff, __m512 thr0, __m512 thr1, __m512 cqf0, __m512 cqf1) {
+void tile_i8(const uint32_t* qa, const uint32_t* qb, const int8_t* codes, const int32_t* kcorr, const float* kscale,
+             int Drt, int64_t j, Band& band, int qoff, __m512 thr0, __m512 thr1) {
     const int D = DD ? DD : Drt, W = D / 4;
     const uint32_t* kw = (const uint32_t*)(codes + (size_t)j * D);
     I8_ALL(I8_DECL)
@@ -447,7 +447,7 @@ void tile_i8(const uint32_t* qa, const uint32_t* qb, const uint8_t* codes, const
     }
     const float sg = kscale[j];
     const __m512 inv = _mm512_set1_ps(1.f / sg);
-    const __m512i th0 = int_threshold(thr0, inv, cqf0), th1 = int_threshold(thr1, inv, cqf1);
+    const __m512i th0 = int_threshold(thr0, inv), th1 = int_threshold(thr1, inv);
     // Common path: one compare of the per-lane maximum over the tile's keys; the per-key masks only when it passes.
     __m512i mx0 = c0_0, mx1 = c1_0;
     I8_ALL(I8_MAX)
@@ -456,7 +456,7 @@ void tile_i8(const uint32_t* qa, const uint32_t* qb, const uint8_t* codes, const
         I8_ALL(I8_CHK)
         alignas(64) int32_t buf[NKT * 32];
         I8_ALL(I8_ST)
-        insert_tile(band, qoff / QB, buf, cq, sg, masks, NKT, j);
+        insert_tile(band, qoff / QB, buf, sg, masks, NKT, j);
     }
 }
 
@@ -465,17 +465,16 @@ struct I8Limits { double probe_live, per_chunk; };  // per query; see run_task_i
 // Returns false, having written nothing, when the band is too crowded for the prefilter to pay.
 template <int DD>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
-bool run_task_i8(const float* q, const void* keys, int keys_bf16, const uint8_t* codes, const float* kscale,
-                 const float* kerr, const float* knorm, int64_t n, int D, int q0, int q1,
+bool run_task_i8(const float* q, const void* keys, int keys_bf16, const int8_t* codes, const int32_t* kcorr,
+                 const float* kscale, const float* kerr, const float* knorm, int64_t n, int D, int q0, int q1,
                  int k, float* out_s, int64_t* out_i, int kk, const I8Limits& limits) {
     const int nq = q1 - q0, nb = (nq + QB - 1) / QB, W = D / 4, NQ = nb * QB;
     double maxe = 0, maxn = 0, maxs = 0;
     for (int64_t j = 0; j < n; j++) {
         maxe = std::max(maxe, (double)kerr[j]); maxn = std::max(maxn, (double)knorm[j]); maxs = std::max(maxs, (double)kscale[j]);
     }
-    std::vector<uint32_t> qp((size_t)NQ * W, 0u);  // [block16][W][16] s8 query codes; padded lanes: 0
-    int8_t* qb8 = (int8_t*)qp.data();
-    std::vector<int32_t> cq(NQ, 0);
+    std::vector<uint32_t> qp((size_t)NQ * W, 0x80808080u);  // [block16][W][16] u8 query codes; padded lanes: qhat 0
+    uint8_t* qb8 = (uint8_t*)qp.data();
     Band band(NQ, k);
     std::vector<int32_t> code(D);
     for (int t = 0; t < nq; t++) {
@@ -484,14 +483,13 @@ bool run_task_i8(const float* q, const void* keys, int keys_bf16, const uint8_t*
         const float m = max_abs(xt, D);
         const float s = m > 0 ? m / 127.f : 1.f;
         const int blk = t / 16, lane = t % 16;
-        const int sum = quantize(xt, D, s, code.data(), e2, n2);
-        for (int d = 0; d < D; d++) qb8[(((size_t)blk * W + d / 4) * 16 + lane) * 4 + d % 4] = (int8_t)code[d];
-        cq[t] = 128 * sum;
+        quantize(xt, D, s, code.data(), e2, n2);
+        for (int d = 0; d < D; d++) qb8[(((size_t)blk * W + d / 4) * 16 + lane) * 4 + d % 4] = (uint8_t)(code[d] + 128);
         // 1e-4 |x| max|k| covers the rounding of the exact scores and of the thresholds
         const double nx = sqrt(n2), E = (nx * maxe + (maxn + maxe) * sqrt(e2)) * (1 + 1e-4) + 1e-4 * nx * maxn + 1e-30;
-        // in units of f = a / s_q, plus the fp32 rounding of f = s_g * (acc - cq) (|acc - cq| < 2^21, exact
-        // in fp32; one rounding of the product: < 2^-24 * 2^21 * max s_g = max s_g / 8)
-        band.margin[t] = (float)(2 * E / s + 0.25 * maxs);
+        // in units of f = a / s_q, plus the fp32 rounding of f = s_g * acc for the entry and for the k-th best
+        // (|acc| <= D 127^2 < 2^24 is exact in fp32; one rounding of the product: <= 2^-24 D 127^2 max s_g)
+        band.margin[t] = (float)(2 * E / s + 2.0 * D * 127 * 127 / 16777216.0 * maxs);
         band.inv[t] = 1.f / s;
     }
     for (int t = nq; t < NQ; t++) band.thr[t] = INFINITY;
@@ -516,15 +514,13 @@ bool run_task_i8(const float* q, const void* keys, int keys_bf16, const uint8_t*
         for (int b = 0; b < nb; b++) {
             const uint32_t* qa = &qp[(size_t)(2 * b) * W * 16];
             const uint32_t* qc = &qp[(size_t)(2 * b + 1) * W * 16];
-            const __m512 cqf0 = _mm512_cvtepi32_ps(_mm512_loadu_si512(&cq[b * QB])),
-                         cqf1 = _mm512_cvtepi32_ps(_mm512_loadu_si512(&cq[b * QB + 16]));
             int64_t j = c0;
             for (; j + GROUP <= c1; j += GROUP)
-                tile_i8<GROUP, DD>(qa, qc, codes, kscale, D, j, band, cq.data(), b * QB, _mm512_loadu_ps(&band.thr[b * QB]),
-                                   _mm512_loadu_ps(&band.thr[b * QB + 16]), cqf0, cqf1);
+                tile_i8<GROUP, DD>(qa, qc, codes, kcorr, kscale, D, j, band, b * QB, _mm512_loadu_ps(&band.thr[b * QB]),
+                                   _mm512_loadu_ps(&band.thr[b * QB + 16]));
             for (; j < c1; j++)
-                tile_i8<1, DD>(qa, qc, codes, kscale, D, j, band, cq.data(), b * QB, _mm512_loadu_ps(&band.thr[b * QB]),
-                               _mm512_loadu_ps(&band.thr[b * QB + 16]), cqf0, cqf1);
+                tile_i8<1, DD>(qa, qc, codes, kcorr, kscale, D, j, band, b * QB, _mm512_loadu_ps(&band.thr[b * QB]),
+                               _mm512_loadu_ps(&band.thr[b * QB + 16]));
         }
     }
     // Pass 2 in two steps: the k entries with the best f are scored exactly first; their k-th best exact
@@ -703,10 +699,10 @@ int mt_topk(int mode, const void* q, const void* keys, int keys_bf16, const int6
 }
 
 // int8 codes of ring rows [r0, r1) (each NA entries of D values, bf16 or fp32), scale groups [g0, g1):
-// one scale per group of GROUP entries (max |k| / 127, or 1 for an all-zero group), codes khat + 128, and per
-// entry err = |k - scale khat| and norm = |k| (computed in double). Layout of codes/scale/err/norm: [rows][NA(...)].
+// one scale per group of GROUP entries (max |k| / 127, or 1 for an all-zero group), codes khat, and per entry
+// corr = -128 sum(khat), err = |k - scale khat| and norm = |k| (computed in double). Layout: [rows][NA(...)].
 void mt_encode_groups(const void* keys, int keys_bf16, int64_t NA, int64_t D, int64_t r0, int64_t r1, int64_t g0,
-                      int64_t g1, uint8_t* codes, float* scale, float* err, float* norm) {
+                      int64_t g1, int8_t* codes, int32_t* corr, float* scale, float* err, float* norm) {
     std::vector<float> x((size_t)GROUP * D);
     std::vector<int32_t> code(D);
     for (int64_t r = r0; r < r1; r++) {
@@ -723,9 +719,10 @@ void mt_encode_groups(const void* keys, int keys_bf16, int64_t NA, int64_t D, in
             const float sc = m > 0 ? m / 127.f : 1.f;
             for (int64_t e = e0; e < e1; e++) {
                 double e2 = 0, n2 = 0;
-                quantize(&x[(e - e0) * D], (int)D, sc, code.data(), e2, n2);
-                uint8_t* c = codes + ((size_t)r * NA + e) * D;
-                for (int64_t d = 0; d < D; d++) c[d] = (uint8_t)(code[d] + 128);
+                const int sum = quantize(&x[(e - e0) * D], (int)D, sc, code.data(), e2, n2);
+                int8_t* c = codes + ((size_t)r * NA + e) * D;
+                for (int64_t d = 0; d < D; d++) c[d] = (int8_t)code[d];
+                corr[(size_t)r * NA + e] = -128 * sum;
                 scale[(size_t)r * NA + e] = sc;
                 err[(size_t)r * NA + e] = (float)sqrt(e2);
                 norm[(size_t)r * NA + e] = (float)sqrt(n2);
@@ -749,11 +746,11 @@ int mt_available_i8() {
 // int8 prefilter + exact rescoring; returns the number of queries (of B*H*T) that ran the plain kernel
 // instead (their (slot, head) has use_i8[b*H+h] == 0, or its band proved too crowded, which clears the flag),
 // or -1. q: [B,H,T,D] fp32 (the operands of the exact score: bf16-rounded
-// queries for bf16 scores); keys: [B,H,NA,D] bf16 or fp32 ring; codes int8 [B,H,NA,D] and per-entry
-// scale (shared by each group of GROUP entries), err (|k - scale*codes|) and norm (|k|), fp32 [B,H,NA]; codes are
-// uint8 khat + 128. D % 4 == 0.
-int mt_topk_i8(int mode, const float* q, const void* keys, int keys_bf16, const uint8_t* codes, const float* kscale,
-               const float* kerr, const float* knorm, const int64_t* counts,
+// queries for bf16 scores); keys: [B,H,NA,D] bf16 or fp32 ring; codes int8 khat [B,H,NA,D] and per entry
+// corr = -128 sum(khat) int32, scale (shared by each group of GROUP entries), err (|k - scale*khat|) and
+// norm (|k|) fp32, each [B,H,NA]. D % 4 == 0.
+int mt_topk_i8(int mode, const float* q, const void* keys, int keys_bf16, const int8_t* codes, const int32_t* kcorr,
+               const float* kscale, const float* kerr, const float* knorm, const int64_t* counts,
                int64_t B, int64_t H, int64_t T, int64_t D, int64_t NA, int64_t kk, float* out_s, int64_t* out_i,
                int nthreads, double budget_scale, uint8_t* use_i8, const void* values, void* out_k, void* out_v) {
     if (D % 4 || (mode == 0 && !keys_bf16) || NA > (int64_t)UINT32_MAX) return -1;  // rank_key: indices < 2^32
@@ -773,8 +770,8 @@ int mt_topk_i8(int mode, const float* q, const void* keys, int keys_bf16, const 
         // above the single-chunk break-even (~77 / ~170), and a lower bf16 limit sent spread keys to the plain kernel.
         const I8Limits limits{budget_scale * (k + std::max(2.0 * k, 0.06 * 1020)), budget_scale * 220.0};
         bool done = false;
-#define MT_RUN(DD) done = use_i8[bh] && run_task_i8<DD>(qf, kb, keys_bf16, codes + e0 * D, kscale + e0, kerr + e0, \
-            knorm + e0, n, (int)D, q0, q1, k, os, oi, (int)kk, limits)
+#define MT_RUN(DD) done = use_i8[bh] && run_task_i8<DD>(qf, kb, keys_bf16, codes + e0 * D, kcorr + e0, kscale + e0, \
+            kerr + e0, knorm + e0, n, (int)D, q0, q1, k, os, oi, (int)kk, limits)
         if (D == 64) MT_RUN(64); else if (D == 128) MT_RUN(128); else if (D == 32) MT_RUN(32); else MT_RUN(0);
 #undef MT_RUN
         if (done) return;
@@ -841,11 +838,11 @@ def _load():
                 [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 3
             lib.mt_available_i8.restype = ctypes.c_int
             lib.mt_topk_i8.restype = ctypes.c_int
-            lib.mt_topk_i8.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5 + \
+            lib.mt_topk_i8.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 6 + \
                 [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_double, ctypes.c_void_p] + \
                 [ctypes.c_void_p] * 3
             lib.mt_encode_groups.restype = None
-            lib.mt_encode_groups.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 4
+            lib.mt_encode_groups.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 5
             lib.mt_gather_rows.restype = None
             lib.mt_gather_rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
             if not lib.mt_available():
@@ -891,12 +888,14 @@ GROUP = 12  # entries per shared code scale; equals the kernel's tile width (GRO
 
 @dataclass
 class Int8Codes:
-    """int8 codes of a key ring for the prefilter: k ~ scale * (codes - 128), one scale per group of GROUP
-    ring entries [GROUP*g, GROUP*g + GROUP) (so a kernel tile compares integers against one threshold).
-    err = |k - scale * (codes - 128)| and norm = |k|, computed in double from the stored codes, give the
-    kernel its error bound; they do not depend on how the scale was chosen, so stale entries in a group only
-    cost precision, never correctness."""
-    codes: torch.Tensor  # uint8 [B, H, N, D]: khat + 128
+    """int8 codes of a key ring for the prefilter: k ~ scale * codes, one scale per group of GROUP ring entries
+    [GROUP*g, GROUP*g + GROUP) (so a kernel tile compares integers against one threshold). err = |k - scale *
+    codes| and norm = |k|, computed in double from the stored codes, give the kernel its error bound; they do
+    not depend on how the scale was chosen, so stale entries in a group only cost precision, never correctness.
+    corr = -128 * sum(codes) per entry: the kernel's products take the queries as unsigned bytes (q + 128) and
+    start from corr, so they end at the signed product."""
+    codes: torch.Tensor  # int8 [B, H, N, D], in [-127, 127]
+    corr: torch.Tensor  # int32 [B, H, N]
     scale: torch.Tensor  # fp32 [B, H, N], equal within a group
     err: torch.Tensor  # fp32 [B, H, N]
     norm: torch.Tensor  # fp32 [B, H, N]
@@ -905,7 +904,8 @@ class Int8Codes:
     def of(cls, keys: torch.Tensor) -> "Int8Codes":
         """Codes of a whole ring [B, H, N, D] (contiguous CPU, bf16 or fp32; needs the kernel library)."""
         B, H, N, D = keys.shape
-        out = cls(torch.empty(B, H, N, D, dtype=torch.uint8), torch.empty(B, H, N), torch.empty(B, H, N), torch.empty(B, H, N))
+        out = cls(torch.empty(B, H, N, D, dtype=torch.int8), torch.empty(B, H, N, dtype=torch.int32), torch.empty(B, H, N),
+                  torch.empty(B, H, N), torch.empty(B, H, N))
         out._encode(keys, 0, B * H, 0, (N + GROUP - 1) // GROUP)
         return out
 
@@ -924,7 +924,8 @@ class Int8Codes:
             raise RuntimeError("Int8Codes needs the fused kernel library and a contiguous bf16/fp32 CPU ring")
         B, H, N, D = keys.shape
         _lib.mt_encode_groups(keys.data_ptr(), int(keys.dtype == torch.bfloat16), N, D, r0, r1, g0, g1,
-                              self.codes.data_ptr(), self.scale.data_ptr(), self.err.data_ptr(), self.norm.data_ptr())
+                              self.codes.data_ptr(), self.corr.data_ptr(), self.scale.data_ptr(), self.err.data_ptr(),
+                              self.norm.data_ptr())
 
     @property
     def entries(self) -> int:
@@ -932,7 +933,7 @@ class Int8Codes:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.err, self.norm))
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.corr, self.scale, self.err, self.norm))
 
 
 def supports(keys: torch.Tensor, score_dtype: torch.dtype) -> bool:
@@ -985,7 +986,7 @@ def topk(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, k: int
         if flags.dtype != torch.uint8 or flags.shape != (B, H) or not flags.is_contiguous():
             raise ValueError(f"use_int8 must be a contiguous uint8 tensor of shape {(B, H)}")
         rc = _lib.mt_topk_i8(mode, q.data_ptr(), keys.data_ptr(), int(keys.dtype == torch.bfloat16), codes.codes.data_ptr(),
-                             codes.scale.data_ptr(), codes.err.data_ptr(), codes.norm.data_ptr(),
+                             codes.corr.data_ptr(), codes.scale.data_ptr(), codes.err.data_ptr(), codes.norm.data_ptr(),
                              counts.data_ptr(), B, H, T, D, keys.shape[2], k, out_s.data_ptr(), out_i.data_ptr(),
                              nthreads, float(int8_budget), flags.data_ptr(), *row_ptrs)
         if rc < 0:
