@@ -189,13 +189,14 @@ def _assert_same(plain, int8, rtol=1e-5):
 
 @int8_only
 @pytest.mark.parametrize("score_dtype", [torch.float32, torch.bfloat16])
-def test_int8_prefilter_is_exact_on_near_duplicate_keys(score_dtype):
+@pytest.mark.parametrize("head_dim", [64, 256])  # 256: products beyond 2^21, where the rounding margin grows with D
+def test_int8_prefilter_is_exact_on_near_duplicate_keys(score_dtype, head_dim):
     """Thousands of keys within 1e-3 of each other: their int8 codes cannot rank them (the quantisation error
     is ~10x the score gaps), so only the error bound and the exact re-rank keep the top-k right."""
     g = torch.Generator().manual_seed(0)
-    base = F.normalize(torch.randn(2, 3, 1, 64, generator=g), dim=-1)
-    keys = F.normalize(base + 1e-3 * torch.randn(2, 3, 3000, 64, generator=g), dim=-1).to(torch.bfloat16)
-    q = F.normalize(base + 0.05 * torch.randn(2, 3, 40, 64, generator=g), dim=-1)
+    base = F.normalize(torch.randn(2, 3, 1, head_dim, generator=g), dim=-1)
+    keys = F.normalize(base + 1e-3 * torch.randn(2, 3, 3000, head_dim, generator=g), dim=-1).to(torch.bfloat16)
+    q = F.normalize(base + 0.05 * torch.randn(2, 3, 40, head_dim, generator=g), dim=-1)
     _check_int8(keys, q, 32, score_dtype)
 
 
