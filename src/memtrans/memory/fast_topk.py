@@ -27,8 +27,8 @@ kernel) and takes their top-k. An entry is dropped only if a rigorous bound on t
 Schwarz on the stored per-entry code errors, plus fp32 rounding) proves it cannot reach the k-th best
 exact score, so the result is the same exact top-k with the same scores (see the comment in _SRC). It pays
 only where keys are spread: when a (slot, head)'s band is crowded (measured on trained models: most keys
-score alike) a 1,020-entry probe or a later chunk exceeds the measured break-even and that (slot, head)
-runs the plain kernel instead.
+score alike) a 1,020-entry probe or a later chunk exceeds its candidate limit (chosen by measurement) and
+that (slot, head) runs the plain kernel instead.
 
 Build: g++ (>= 10) compiles the source below once per source hash into $MEMTRANS_EXT_CACHE (default
 ~/.cache/memtrans/ext), a few seconds (7 s measured here under load); functions carry AVX-512 target attributes and `available()` checks the
@@ -955,7 +955,7 @@ def topk(queries: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, k: int
 
     With `codes` (the ring's Int8Codes, head_dim % 4 == 0, VNNI CPU) an int8 prefilter drops the entries that
     provably cannot enter the top-k and only the rest are scored exactly; the result is the same top-k. A
-    (slot, head) whose candidates exceed int8_budget x a break-even budget (keys that nearly all score alike,
+    (slot, head) whose candidates exceed int8_budget x the kernel's limits (keys that nearly all score alike,
     as in some trained heads) switches to the plain kernel; inf never switches, 0 always does (tests).
     `use_int8` (uint8 [B, H], updated in place) lets a caller remember which (slot, head)s fell back: 0 runs
     the plain kernel straight away.
