@@ -76,7 +76,7 @@ class ExactMemory(MemoryBackend):
                 if self._searches % self.reprobe_every == 0:
                     self._int8_ok.fill_(1)
             out = fast_topk.topk(queries, self.keys, self.count, k, self.score_dtype, codes=codes, use_int8=self._int8_ok,
-                                 values=self.values if self.values.dtype == self.keys.dtype else None)
+                                 values=self.values)
             if out is not None:
                 return out
         return self._topk_reference(queries, k, filled)

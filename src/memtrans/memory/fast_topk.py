@@ -368,7 +368,7 @@ struct Band {
 // Rare path of a tile: some lanes passed the integer pre-compare. acc holds [NKT][32] accumulators. f (as the
 // kernel defines it: s_g * acc) is computed for a whole key row at once and checked against the float
 // thresholds; the lanes that beat their k-th best update it (top), and all surviving lanes are appended to the
-// block's log with compressing vector stores (per-lane scalar appends cost ~2x more here).
+// block's log with compressing vector stores (per-lane scalar appends: 148.5 against 146.3 ms per 65K search).
 __attribute__((noinline, target("avx512f,avx512bw,avx512vl")))
 void insert_tile(Band& band, int blk, const int32_t* acc, float sg, const uint32_t* masks, int nkt, int64_t j0) {
     const int qoff = blk * QB;
@@ -390,7 +390,7 @@ void insert_tile(Band& band, int blk, const int32_t* acc, float sg, const uint32
             _mm512_store_ps(fb, f0); _mm512_store_ps(fb + 16, f1);
             for (; tops; tops &= tops - 1) { const int l = __builtin_ctz(tops); band.top(qoff + l, fb[l]); }
         }
-        // compress in registers, then plain stores (a compressing store to memory is slow on some CPUs)
+        // compress in registers, then plain stores (vpcompress with a memory destination is microcoded on Zen 4)
         size_t u = lg.used;
         const int n0 = __builtin_popcount(a0), n1 = __builtin_popcount(a1);
         _mm512_storeu_ps(&lg.f[u], _mm512_maskz_compress_ps(a0, f0));
