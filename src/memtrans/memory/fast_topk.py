@@ -467,7 +467,7 @@ template <int DD>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
 bool run_task_i8(const float* q, const void* keys, int keys_bf16, const int8_t* codes, const int32_t* kcorr,
                  const float* kscale, const float* kerr, const float* knorm, int64_t n, int D, int q0, int q1,
-                 int k, float* out_s, int64_t* out_i, int kk, const I8Limits& limits) {
+                 int k, float* out_s, int64_t* out_i, int kk, const I8Limits& limits, const char* values) {
     const int nq = q1 - q0, nb = (nq + QB - 1) / QB, W = D / 4, NQ = nb * QB;
     double maxe = 0, maxn = 0, maxs = 0;
     for (int64_t j = 0; j < n; j++) {
@@ -599,6 +599,8 @@ bool run_task_i8(const float* q, const void* keys, int keys_bf16, const int8_t* 
             const Cand e = u < r ? rank_cand(best[u]) : Cand{-INFINITY, 0};
             out_s[(size_t)t * kk + u] = e.s;
             out_i[(size_t)t * kk + u] = e.i;
+            if (values && u < r)  // for the gather after the task (RowsOut): value rows are otherwise cold
+                for (size_t o = 0; o < row; o += 64) _mm_prefetch(values + (size_t)e.i * row + o, _MM_HINT_T1);
         }
     }
     return true;
@@ -771,7 +773,7 @@ int mt_topk_i8(int mode, const float* q, const void* keys, int keys_bf16, const 
         const I8Limits limits{budget_scale * (k + std::max(2.0 * k, 0.06 * 1020)), budget_scale * 220.0};
         bool done = false;
 #define MT_RUN(DD) done = use_i8[bh] && run_task_i8<DD>(qf, kb, keys_bf16, codes + e0 * D, kcorr + e0, kscale + e0, \
-            kerr + e0, knorm + e0, n, (int)D, q0, q1, k, os, oi, (int)kk, limits)
+            kerr + e0, knorm + e0, n, (int)D, q0, q1, k, os, oi, (int)kk, limits, values ? (const char*)values + e0 * D * ke : nullptr)
         if (D == 64) MT_RUN(64); else if (D == 128) MT_RUN(128); else if (D == 32) MT_RUN(32); else MT_RUN(0);
 #undef MT_RUN
         if (done) return;
