@@ -16,7 +16,8 @@ import yaml
 
 GATES = ("learned_scalar", "fixed", "weighted_sum", "concat", "token_gate", "joint_softmax")
 BACKENDS = ("exact", "faiss_flat", "faiss_ivf")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: memtrans.device decides per machine
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 LAYER_WORDS = ("bottom", "middle", "near_top", "top", "multiple")
 
 
@@ -68,8 +69,8 @@ class ModelConfig:
     qk_norm: bool = True
     xl_cache: bool = True
     memory_backend: str = "exact"
-    memory_dtype: str = "bfloat16"  # dtype of stored keys/values
-    score_dtype: str = "bfloat16"  # dtype of the exact engine's retrieval scores
+    memory_dtype: str = "auto"  # dtype of stored keys/values (auto: bf16 where native, else fp32; memtrans.device)
+    score_dtype: str = "auto"  # dtype of the exact engine's retrieval scores (auto: memtrans.device)
     rel_pos_buckets: int = 32
     rel_pos_max_distance: int = 128
     ivf_nlist: int = 64  # faiss_ivf: inverted lists per (slot, head)
@@ -159,7 +160,7 @@ class TrainConfig:
     steps: int = 1000
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "bf16"  # bf16 (autocast) | fp32
+    precision: str = "auto"  # auto | bf16 (autocast) | fp16 (autocast + grad scaler, GPUs) | fp32; see memtrans.device
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     compile: bool = False
     log_every: int = 10
@@ -174,6 +175,12 @@ class TrainConfig:
     divergence_factor: float = 4.0  # loss > factor x initial loss (after warm-up) counts as divergence
     # weight in the training loss of tokens scored by a recall corpus (batch.tags >= 0); 1.0 = plain LM loss
     tagged_loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_choice("precision", self.precision, PRECISIONS)
+        if self.device not in ("auto", "cpu", "cuda", "meta") and not (
+                isinstance(self.device, str) and self.device.startswith("cuda:") and self.device[5:].isdigit()):
+            raise ValueError(f"device: {self.device!r} is not allowed; choose auto, cpu, cuda or cuda:N")
 
 
 @dataclass

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from memtrans.config import Config, apply_overrides, config_from_dict
+from memtrans.device import resolve_config
 
 ACTIONS = ("REMOVE", "REPLACE")
 METRICS = ("perplexity", "bits per byte", "accuracy", "far-position perplexity", "recall accuracy",
@@ -391,7 +392,8 @@ def resolve(plan: Plan, preset_name: str, seeds: list[int] | None = None, only: 
         hashes = []
         cfg = None
         for seed in seeds:
-            cfg = _build(plan.path, where, apply_overrides(data, {"train.seed": seed}))
+            # precision `auto` resolved for this machine, so the hash names what will run (memtrans.device)
+            cfg = resolve_config(_build(plan.path, where, apply_overrides(data, {"train.seed": seed})))
             h = cfg.hash()
             spec = runs.setdefault(h, RunSpec(h, seed, cfg.to_dict(), applied))
             spec.members.append((study_name, variant.name if variant else BASELINE))

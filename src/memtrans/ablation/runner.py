@@ -27,6 +27,7 @@ from typing import Any, Callable, Protocol
 from memtrans.ablation.plan import (BASELINE, ResolvedPlan, RunSpec, estimate_cost, format_seconds, load_plan,
                                     resolve)
 from memtrans.config import Config, apply_overrides, config_from_dict, parse_override, save_config
+from memtrans.device import policy_of, resolve_config
 from memtrans.utils import atomic_write_json, atomic_write_text, read_json
 
 DONE_STATUSES = ("finished", "diverged")
@@ -478,7 +479,7 @@ def pretrain_config(resolved: ResolvedPlan, run_config: dict, steps: int) -> Con
     data = apply_overrides(run_config, {**{f"model.{k}": v for k, v in model.items()}, "train.steps": steps,
                                         "train.seed": resolved.seeds[0], "train.init_from": None,
                                         **resolved.preset.pretrain_overrides})
-    return config_from_dict(data)
+    return resolve_config(config_from_dict(data))
 
 
 def with_init_from(resolved: ResolvedPlan, init_of: dict[str, str]) -> ResolvedPlan:
@@ -524,6 +525,7 @@ def main(argv: list[str] | None = None, run_fn: RunFn | None = None) -> int:
         raise ValueError("--pretrain-steps takes a positive number of steps and excludes --init-from")
     resolved = resolve(plan, args.preset, seeds=seeds, only=args.only, extra_overrides=cli_overrides(args))
     out = Path(args.out or Path("runs") / "ablations" / f"{Path(args.plan).stem}-{args.preset}")
+    print(f"memtrans ablate: {policy_of(config_from_dict(resolved.base_config)).describe()}", flush=True)
     if args.pretrain_steps:
         starts = {h: pretrain_config(resolved, spec.config, args.pretrain_steps) for h, spec in resolved.runs.items()}
         dirs: dict[str, str] = {}

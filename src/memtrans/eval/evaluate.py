@@ -21,7 +21,6 @@ checkpoint or an empty split raise ValueError (the CLI prints one line and exits
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import sys
 import time
@@ -129,7 +128,7 @@ def evaluate(run_dir: str | Path, split: str = "test", overrides: list[str] | No
     from memtrans.data import DocumentStream, prepare_data
     from memtrans.model import MemorizingTransformer
     from memtrans.model.attention import DISTANCE_EDGES
-    from memtrans.train.trainer import autocast_context, resolve_device
+    from memtrans.device import autocast_context, policy_of, resolve_config, resolve_device
 
     run_dir = Path(run_dir)
     cfg, ckpt = _load_run(run_dir, overrides)
@@ -137,6 +136,9 @@ def evaluate(run_dir: str | Path, split: str = "test", overrides: list[str] | No
     if cfg.train.threads:
         torch.set_num_threads(int(cfg.train.threads))
     device = resolve_device(cfg.train.device)
+    cfg = resolve_config(cfg, device)  # a run's config.yaml is resolved already; a hand-made one may say auto
+    if not quiet:
+        print(f"memtrans eval: {policy_of(cfg, device).describe()}", flush=True)
     bundle = prepare_data(cfg.data, cfg.train.seed)
     if split not in bundle.splits:
         raise ValueError(f"unknown split {split!r}; available: {', '.join(bundle.splits)}")
@@ -161,7 +163,7 @@ def evaluate(run_dir: str | Path, split: str = "test", overrides: list[str] | No
     B = max(1, min(ec.batch_size, len(docs)))  # slots beyond the number of documents would only compute padding
     stream = DocumentStream(docs, B, T, seed=0, loop=False, shuffle=False)
     state = model.init_state(B)
-    amp = autocast_context(cfg.train.precision, device) if cfg.train.precision == "bf16" else contextlib.nullcontext()
+    amp = autocast_context(cfg.train.precision, device)
     edges = [int(e) for e in ec.position_buckets]
     if any(b <= a for a, b in zip(edges, edges[1:])) or any(e <= 0 for e in edges):
         raise ValueError(f"eval.position_buckets must be increasing positive integers, got {edges}")

@@ -1,18 +1,16 @@
 """kNN memory backends: one small interface (`add`, `search`, `reset`, `len`, `nbytes`) over several engines."""
 from __future__ import annotations
 
-import torch
-
+from memtrans.device import DTYPES, model_dtypes
 from memtrans.memory.base import MemoryBackend, SearchResult
 from memtrans.memory.exact import ExactMemory
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def make_memory(cfg, batch_size: int, device="cpu") -> MemoryBackend:
     """Build the memory engine named by `cfg.memory_backend` (a ModelConfig) for `batch_size` slots."""
     args = (batch_size, cfg.heads, cfg.head_dim, cfg.memory_size)
-    kwargs = dict(dtype=DTYPES[cfg.memory_dtype], device=device, score_dtype=DTYPES[cfg.score_dtype])
+    memory_dtype, score_dtype = model_dtypes(cfg, device)
+    kwargs = dict(dtype=memory_dtype, device=device, score_dtype=score_dtype)
     if cfg.memory_backend == "exact":
         return ExactMemory(*args, **kwargs)
     from memtrans.memory import faiss_engines  # faiss is imported only when a faiss engine is asked for

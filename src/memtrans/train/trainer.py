@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from memtrans.config import Config, config_from_dict, load_config, save_config
+from memtrans.device import autocast_context, grad_scaler, policy_of, resolve_config, resolve_device
 from memtrans.train import distributed as D
 from memtrans.train.checkpoint import (CHECKPOINT_VERSION, checkpoint_path, load_checkpoint, load_weights_partial,
                                        model_weights, resolve_checkpoint, rng_state, save_checkpoint, set_rng_state)
@@ -33,24 +34,6 @@ TERMINAL = ("finished", "diverged")
 RESUMABLE_CHANGES = ("train.steps", "train.budget_minutes", "train.budget_tokens", "train.log_every",
                      "train.checkpoint_every", "train.tensorboard", "train.threads", "train.device",
                      "train.compile", "train.init_from")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise ValueError(f"train.device: {name!r} is not allowed; choose auto, cpu or cuda")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but CUDA is not available")
-    return torch.device(name)
-
-
-def autocast_context(precision: str, device: torch.device):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    raise ValueError(f"train.precision: {precision!r} is not allowed; choose bf16 or fp32")
 
 
 def masked_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, tags: torch.Tensor | None = None,
@@ -136,6 +119,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = True, quiet: bool = F
     """
     run_dir = Path(run_dir)
     device = resolve_device(cfg.train.device)
+    cfg = resolve_run_config(cfg, run_dir, device)
     ctx = D.init_distributed(device.type)
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
@@ -143,6 +127,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = True, quiet: bool = F
     ckpt_file = checkpoint_path(run_dir)
     status_file = run_dir / "status.json"
     say = (lambda *a: print(*a, flush=True)) if main_rank and not quiet else (lambda *a: None)
+    say(f"memtrans train: {policy_of(cfg, device).describe()}")
     try:
         if ckpt_file.exists():
             status = (read_json(status_file) or {}).get("status")
@@ -155,6 +140,23 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = True, quiet: bool = F
         return _train(cfg, run_dir, ctx, device, ckpt_file, say, quiet, on_step)
     finally:
         D.shutdown(ctx)
+
+
+def resolve_run_config(cfg: Config, run_dir: Path, device: torch.device) -> Config:
+    """`cfg` with the precision policy's `auto` fields resolved (memtrans.device); a run directory that already
+    records them (a resumed run) keeps its own values, so resuming on another machine does not change dtypes."""
+    recorded = None
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        import yaml
+        try:
+            d = yaml.safe_load(saved.read_text()) or {}
+            recorded = {"train.precision": d.get("train", {}).get("precision"),
+                        "model.memory_dtype": d.get("model", {}).get("memory_dtype"),
+                        "model.score_dtype": d.get("model", {}).get("score_dtype")}
+        except (yaml.YAMLError, AttributeError):
+            recorded = None  # an unreadable config.yaml is reported by the resume check below
+    return resolve_config(cfg, device, recorded)
 
 
 def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device, ckpt_file: Path, say, quiet,
@@ -214,11 +216,13 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
                                cfg.optim.grad_clip)
     torch.manual_seed(tc.seed * 1000 + ctx.rank + 1)  # per-rank RNG for dropout
     step, tokens, wall_before = 0, 0, 0.0
+    scaler_state = None
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
+            scaler_state = ckpt.get("grad_scaler")
             mine = ckpt["ranks"][ctx.rank]
             stream.load_state_dict(mine["stream"])
             state = model.load_state(mine["model_state"], B)
@@ -255,6 +259,7 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
                              "finished": finished, "status": status, "config": cfg.to_dict(),
                              "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "stability": tracker.state_dict(),
+                             "grad_scaler": None if scaler is None else scaler.state_dict(),
                              "world_size": ctx.world_size, "ranks": per_rank, "rng": per_rank[0]["rng"],
                              "stream": per_rank[0]["stream"], "model_state": per_rank[0]["model_state"],
                              "init_from": init_info, "notes": notes}, ckpt_file)
@@ -264,6 +269,9 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
     bar = _progress(tc.steps, step, main_rank and not quiet)
     metrics = open(metrics_file, "a") if main_rank else None
     amp = autocast_context(tc.precision, device)
+    scaler = grad_scaler(tc.precision, device)  # fp16 only
+    if scaler is not None and scaler_state is not None:
+        scaler.load_state_dict(scaler_state)
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip and cfg.optim.grad_clip > 0 else math.inf
     budget_hit = None
     final_status = "finished"
@@ -278,8 +286,10 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
             with amp:
                 logits, state = forward(batch.tokens, state)
             loss, n_tok = masked_loss(logits, batch.targets, batch.loss_mask, batch.tags, tc.tagged_loss_weight)
-            loss.backward()
+            (loss if scaler is None else scaler.scale(loss)).backward()
             D.average_gradients(params, ctx)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
             loss_value, = D.mean_scalars([float(loss.detach())], ctx, device)
             n_tok = int(D.sum_scalars([float(n_tok)], ctx, device)[0])
@@ -297,7 +307,11 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
                     metrics.flush()
                 break
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
+                scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -388,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, list(args.overrides))
     if args.init_from:
         cfg.train.init_from = args.init_from
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.hash()
+    # the default run directory is named by the resolved config, as the ablation runner names its runs
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / resolve_config(cfg).hash()
     train(cfg, run_dir, resume=args.resume, quiet=args.quiet)
     return 0
 
