@@ -81,11 +81,12 @@ class MemoryBackend:
         idx = (self.ptr[:, None] + torch.arange(T)[None, :]) % self.capacity  # [B, T]
         keys, values = keys.detach().to(self.dtype), values.detach().to(self.dtype)
         positions = positions.to(self.device)
-        for b in range(B):
-            i = idx[b].to(self.device)
-            self.keys[b, :, i] = keys[b]
-            self.values[b, :, i] = values[b]
-            self.positions[b, i] = positions[b]
+        # every slot in one indexed write (no per-slot loop; T <= capacity, so no index repeats within a slot)
+        i = idx.to(self.device)
+        bi = torch.arange(B, device=self.device)[:, None].expand(B, T)
+        self.keys[bi, :, i] = keys.transpose(1, 2)  # advanced indices first: [B, T, H, D]
+        self.values[bi, :, i] = values.transpose(1, 2)
+        self.positions[bi, i] = positions
         self._on_add(idx)
         self.ptr = (self.ptr + T) % self.capacity
         self.count = (self.count + T).clamp(max=self.capacity)

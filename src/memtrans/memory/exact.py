@@ -12,14 +12,14 @@ class ExactMemory(MemoryBackend):
     """Brute-force inner-product search over each slot's filled ring prefix.
 
     Two paths compute the same top-k:
-    - fast (default on CPUs with AVX-512 BF16): `memtrans.memory.fast_topk`, a C++ kernel that fuses the
-      score tiles with a running per-query top-k, so the [T, n] score row is never materialised. With
-      fp32 scores it is exact (same scores up to fp32 summation order); with bf16 scores it rounds the
-      queries to bf16 like the reference but accumulates products in fp32 instead of rounding each score
-      to bf16, so its recall against fp32 is at least the reference bf16 path's.
+    - fast (default on every CPU with a C++ compiler): `memtrans.memory.fast_topk`, C++ kernels (AVX-512, AVX2,
+      portable; the best one this CPU runs) that fuse the score tiles with a running per-query top-k, so the
+      [T, n] score row is never materialised. With fp32 scores they are exact (same scores up to fp32
+      summation order); with bf16 scores they round the queries to bf16 and sum the products in fp32.
     - reference (`fast=False`, `ExactMemory.use_fast = False`, env MEMTRANS_EXACT_PATH=reference, and the
-      fallback whenever the kernel is unavailable, e.g. on CUDA or without a compiler): chunked torch
-      matmul in `score_dtype` + torch.topk, the score block bounded by `max_block_elements`.
+      fallback whenever no kernel is available, e.g. on CUDA or without a compiler): chunked torch matmul
+      (operands in `score_dtype`, fp32 sums and scores) + torch.topk, the score block bounded by
+      `max_block_elements`.
     On CPUs with AVX-512 VNNI the fast path first runs an int8 prefilter (`prefilter="int8"`, the default;
     `"none"` or env MEMTRANS_EXACT_PREFILTER=none turns it off): the ring keeps int8 codes of its keys
     (`fast_topk.Int8Codes`, 80 bytes per entry and head next to the 256 of bf16 keys and values; re-encoded
@@ -52,13 +52,27 @@ class ExactMemory(MemoryBackend):
         self._searches = 0
 
     def active_path(self, queries: torch.Tensor | None = None) -> str:
-        """'fused-int8', 'fused' or 'reference': which path `search` takes for this ring and score dtype."""
-        if not self.fast or self.device.type != "cpu":
-            return "reference"
+        """'fused-int8', 'fused' or 'reference': which path `search` takes for this ring and score dtype
+        (`fast_topk.isa()` names the kernel's ISA level)."""
+        return self.explain_path()[0]
+
+    def explain_path(self) -> tuple[str, str]:
+        """(path, why): the path `search` takes and the reason, for `memtrans info` and bug reports."""
         from memtrans.memory import fast_topk
+        if not self.fast:
+            return "reference", "fast=False or MEMTRANS_EXACT_PATH=reference"
+        if self.device.type != "cpu":
+            return "reference", f"the fused kernels are CPU code; torch matmul + top-k on {self.device.type}"
+        if not fast_topk.available():
+            return "reference", f"no kernel loaded ({fast_topk.unavailable_reason()})"
         if not fast_topk.supports(self.keys, self.score_dtype):
-            return "reference"
-        return "fused-int8" if self._use_int8() else "fused"
+            return "reference", (f"the kernel does not handle head_dim {self.head_dim}, a {self.dtype} ring with "
+                                 f"{self.score_dtype} scores (odd head_dim, or bf16 scores over a non-bf16 ring)")
+        if self._use_int8():
+            return "fused-int8", f"{fast_topk.isa()} kernel with the exact int8 prefilter (VNNI)"
+        why = "" if fast_topk.isa() != "avx512" else (" (prefilter off)" if self.prefilter == "none" else
+                                                      " (no VNNI or head_dim % 4 != 0)")
+        return "fused", f"{fast_topk.isa()} kernel{why}"
 
     def _use_int8(self) -> bool:
         from memtrans.memory import fast_topk
@@ -103,14 +117,17 @@ class ExactMemory(MemoryBackend):
 
     def _topk_reference(self, queries: torch.Tensor, k: int, filled: int) -> tuple[torch.Tensor, torch.Tensor]:
         B, H, T, D = queries.shape
-        q = queries.to(self.score_dtype)
+        # bf16 scores: bf16 operands summed in fp32, like the fused kernels. Rounding each score to bf16 instead
+        # tied the crowded top scores of trained keys (recall@32 0.51-0.83), and ties broke by the matmul's shape,
+        # which depends on how full the other slots are: a document's logits then depended on other documents.
+        q = queries.to(self.score_dtype).float()
         valid = self._valid_entries(filled)  # [B, filled]
         chunk = max(k, self.max_block_elements // max(1, B * H * T))
         best_s = best_i = None
         for start in range(0, filled, chunk):
             stop = min(filled, start + chunk)
-            keys = self.keys[:, :, start:stop].to(self.score_dtype)
-            s = torch.matmul(q, keys.transpose(-1, -2)).float()  # [B, H, T, n]
+            keys = self.keys[:, :, start:stop].to(self.score_dtype).float()
+            s = torch.matmul(q, keys.transpose(-1, -2))  # [B, H, T, n] fp32
             s.masked_fill_(~valid[:, None, None, start:stop], float("-inf"))
             s, i = s.topk(min(k, stop - start), dim=-1)
             i += start
