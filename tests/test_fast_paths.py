@@ -10,6 +10,21 @@ pytestmark = pytest.mark.skipif(not fast_topk.available(),
                                 reason=f"fused kernel unavailable: {fast_topk.unavailable_reason()}")
 
 
+@pytest.fixture(autouse=True, params=fast_topk.runnable_isas() or ["none"])
+def kernel_isa(request):
+    """Every test here runs once per kernel this machine can execute (AVX-512, AVX2, portable), the lower ones
+    forced as MEMTRANS_CPU_ISA would; the int8 prefilter exists in the AVX-512 kernel only."""
+    isa = request.param
+    uses_int8 = "int8" in request.node.name
+    if uses_int8 and isa != "avx512":
+        pytest.skip(f"the int8 prefilter is AVX-512 only (kernel {isa})")
+    assert fast_topk.use_isa(isa) == isa
+    from conftest import record_retrieval_path
+    record_retrieval_path(f"fused-{isa}" + ("+int8" if uses_int8 else ""))
+    yield isa
+    fast_topk.use_isa(None)
+
+
 PREFILTERS = ["none", pytest.param("int8", marks=pytest.mark.skipif(
     not fast_topk.int8_available(), reason="CPU lacks AVX-512 VNNI for the int8 prefilter"))]
 PATH = {"none": "fused", "int8": "fused-int8"}
