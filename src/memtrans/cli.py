@@ -10,6 +10,7 @@ COMMANDS = {
     "ablate": ("memtrans.ablation.runner", "run an ablation plan and write its report"),
     "report": ("memtrans.ablation.report", "(re)write the report of an ablation output directory"),
     "fetch-corpus": ("memtrans.data.fetch", "download a study corpus with the system package tools"),
+    "info": ("memtrans.info", "device, CPU, precision policy and retrieval paths (paste into bug reports)"),
 }
 
 
