@@ -30,7 +30,16 @@ def header(title: str) -> str:
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return (f"# {title}\n# date {datetime.datetime.now().isoformat(timespec='seconds')} | CPU {cpu_model()} "
             f"({os.cpu_count()} logical cores, capability {torch.backends.cpu.get_cpu_capability()}) | "
-            f"torch {torch.__version__} threads {torch.get_num_threads()} | faiss {fv} | loadavg {load}")
+            f"torch {torch.__version__} threads {torch.get_num_threads()} | faiss {fv} | loadavg {load}\n"
+            f"# {policy_line()}")
+
+
+def policy_line() -> str:
+    """The precision policy and retrieval kernel this process uses (memtrans.device, fast_topk)."""
+    from memtrans.config import load_config
+    from memtrans.device import policy_of
+    from memtrans.memory import fast_topk
+    return f"default policy: {policy_of(load_config(None)).describe()} | retrieval kernel {fast_topk.isa() or 'none (reference)'}"
 
 
 def loadavg() -> str:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import clustered_unit, header, loadavg, timeit, trained_keys  # noqa: E402
 
-from memtrans.memory import ExactMemory  # noqa: E402
+from memtrans.memory import ExactMemory, fast_topk  # noqa: E402
 
 HEADS, HEAD_DIM, T, K, XL = 8, 64, 512, 32, 512
 ALL_BACKENDS = ["exact_fp32_ref", "exact_bf16_ref", "exact_fp32_fused", "exact_bf16_fused", "exact_fp32", "exact_bf16",
@@ -82,6 +82,8 @@ def main(argv=None):
     p.add_argument("--sizes", default="8K,32K,65K,131K,262K")
     p.add_argument("--batch", default="1", help="comma list of batch sizes (document slots), e.g. 1,4")
     p.add_argument("--backends", default=",".join(ALL_BACKENDS))
+    p.add_argument("--isas", default=None, help="kernel ISA levels to compare for the exact fused backends, e.g. "
+                   "avx2,portable (default: the active one; each runs interleaved in this process)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--keys", default="clustered", choices=["clustered", "random", "trained"])
@@ -101,6 +103,7 @@ def main(argv=None):
     sizes = [parse_size(s) for s in a.sizes.split(",")]
     batches = [int(b) for b in a.batch.split(",")]
     backends = [b.strip() for b in a.backends.split(",")]
+    isas = a.isas.split(",") if a.isas else [fast_topk.isa()]
     for b in backends:
         if b not in ALL_BACKENDS:
             p.error(f"unknown backend {b}; choose from {ALL_BACKENDS}")
@@ -119,7 +122,11 @@ def main(argv=None):
               f"queries drawn the same way")
     print(f"# attention = SDPA fp32 {T}q x {T + XL}k causal; faiss_ivf nlist {a.nlist} nprobe {a.nprobe}; "
           f"median of {a.reps} after 1 warm-up")
-    cols = f"{'N':>7} {'B':>2} {'backend':<15} {'ms/seg':>9} {'attn ms':>8} {'x attn':>7} {'recall@32':>9} {'MiB':>7}  note"
+    from common import matmul_peak
+    peak = matmul_peak(torch.float32)
+    print(f"# fp32 matmul peak (2048^3, this process) {peak / 1e9:.1f} GFLOP/s; 'x flops' = ms/seg / (search FLOPs / peak)")
+    cols = (f"{'N':>7} {'B':>2} {'backend':<15} {'ms/seg':>9} {'attn ms':>8} {'x attn':>7} {'recall@32':>9} {'MiB':>7} "
+            f"{'x flops':>8}  note")
     print(cols)
     print("-" * len(cols))
     for N in sizes:
@@ -151,7 +158,10 @@ def main(argv=None):
             nq = min(a.recall_queries, T)
             ref = ref_mem.search(q[:, :, :nq].contiguous(), K)
             del ref_mem
-            for backend in backends:
+            runs = [(b, i) for b in backends for i in (isas if b.startswith("exact") and not b.endswith("_ref") else [None])]
+            for backend, isa in runs:
+                if isa is not None:
+                    fast_topk.use_isa(isa)
                 est = EST_NS[backend] * 1e-9 * B * H * T * N * D / HEAD_DIM
                 if est > a.max_seconds and not a.all:
                     print(f"{N:>7} {B:>2} {backend:<15} {'skipped':>9} {'':>8} {'':>7} {'':>9} {'':>7}  "
@@ -164,8 +174,7 @@ def main(argv=None):
                 first = __import__("time").perf_counter() - t0
                 note = f"first search (IVF training) {first:.1f} s" if backend == "faiss_ivf" else ""
                 if backend.startswith("exact") and not backend.endswith("_ref"):
-                    note = f"path: {mem.active_path(q)}"
-                    from memtrans.memory import fast_topk
+                    note = f"path: {mem.active_path(q)}" + (f" ({fast_topk.isa()})" if fast_topk.isa() else "")
                     before = dict(fast_topk.stats)
                 mib = mem.nbytes / 2 ** 20
                 ta, tm = [], []
@@ -180,12 +189,13 @@ def main(argv=None):
                     ta.append(timeit(attn, reps=1, warmup=0))
                     tm.append(timeit(segment, reps=1, warmup=0))
                 ta_ms, tm_ms = sorted(ta)[len(ta) // 2] * 1e3, sorted(tm)[len(tm) // 2] * 1e3
-                if note.endswith("fused-int8"):  # how often a crowded band sent a (slot, head) to the plain kernel
+                if "fused-int8" in note:  # how often a crowded band sent a (slot, head) to the plain kernel
                     searched = fast_topk.stats["int8_queries"] - before["int8_queries"]
                     fell_back = fast_topk.stats["int8_fallback_queries"] - before["int8_fallback_queries"]
                     note += f" (plain-kernel fallback for {100 * fell_back / max(1, searched):.0f}% of queries)"
+                ideal = 2 * B * H * T * N * D / peak * 1e3  # the search's FLOPs at the fp32 matmul peak
                 print(f"{N:>7} {B:>2} {backend:<15} {tm_ms:>9.1f} {ta_ms:>8.1f} {tm_ms / ta_ms:>7.1f} {r:>9.4f} "
-                      f"{mib:>7.0f}  {note}", flush=True)
+                      f"{mib:>7.0f} {tm_ms / ideal:>8.2f}  {note}", flush=True)
                 del mem
                 gc.collect()
             del fill
