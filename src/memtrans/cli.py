@@ -11,6 +11,7 @@ COMMANDS = {
     "report": ("memtrans.ablation.report", "(re)write the report of an ablation output directory"),
     "fetch-corpus": ("memtrans.data.fetch", "download a study corpus with the system package tools"),
     "info": ("memtrans.info", "device, CPU, precision policy and retrieval paths (paste into bug reports)"),
+    "generate": ("memtrans.generate", "read a prompt with a run's model (memory as in training), then write"),
 }
 
 

@@ -97,8 +97,15 @@ class Attention(nn.Module):
             self.gate_bias = nn.Parameter(torch.zeros(H))
 
     def forward(self, x: torch.Tensor, xl: tuple | None, xl_valid: torch.Tensor | None,
-                memory: MemoryBackend | None, positions: torch.Tensor, diagnostics: dict | None = None):
-        """x [B, T, dim] -> (out [B, T, dim], (k, v) of this segment for the next segment's XL cache)."""
+                memory: MemoryBackend | None, positions: torch.Tensor, diagnostics: dict | None = None,
+                write_memory: bool = True):
+        """x [B, T, dim] -> (out [B, T, dim], (k, v) of these T tokens for the next segment's XL cache).
+
+        `xl` holds the keys/values that precede these T queries in the local window: the previous segment's
+        (the XL cache) in training; in incremental decoding (MemorizingTransformer.extend) the XL cache
+        followed by the current segment's earlier tokens. The queries are the last T of the window, so the
+        causal mask and the T5 bias are the same as in one forward over the whole segment.
+        `write_memory=False` retrieves without writing (the caller writes the segment once it is complete)."""
         B, T, _ = x.shape
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
         if self.qk_norm:
@@ -124,7 +131,8 @@ class Attention(nn.Module):
 
         if self.use_memory:
             out = self._with_memory(x, q, q_scaled, keys, values, bias, memory, positions, diagnostics)
-            memory.add(k.detach(), v.detach(), positions)  # written only after this segment's retrieval
+            if write_memory:
+                memory.add(k.detach(), v.detach(), positions)  # written only after this segment's retrieval
         else:
             out = F.scaled_dot_product_attention(q_scaled, keys, values, attn_mask=bias, scale=1.0)
         out = self.proj(rearrange(out, "b h t d -> b t (h d)"))
@@ -155,7 +163,7 @@ class Attention(nn.Module):
             mem = torch.einsum("bhtk,bhtkd->bhtd", p.to(mem_values.dtype), mem_values)
             mem_term, local_term = self._gate(x, mem, local)
         if diagnostics is not None:
-            self._diagnose(diagnostics, found, p, mem_term, local_term, positions)
+            self._diagnose(diagnostics, found, p, mem_term, local_term, positions, keys.shape[2])
         return mem_term + local_term
 
     def _gate(self, x, mem, local):
@@ -176,13 +184,16 @@ class Attention(nn.Module):
         raise AssertionError(self.gate)
 
     @torch.no_grad()
-    def _diagnose(self, diagnostics, found, p, mem_term, local_term, positions):
-        """Per-head gate value, share of the output coming from memory, and retrieval distances."""
+    def _diagnose(self, diagnostics, found, p, mem_term, local_term, positions, local_len):
+        """Per-head gate value, share of the output coming from memory, and retrieval distances; per query
+        the retrieved entries' document positions and attention weights, and the memory share."""
         has_mem = found.valid.any(-1)  # [B, H, T]
         n = has_mem.sum((0, 2)).clamp(min=1)
         if self.gate == "joint_softmax":
-            share = p[..., -found.valid.shape[-1]:].sum(-1)
+            mem_weights = p[..., local_len:]  # share of the joint softmax mass on each retrieved entry
+            share = mem_weights.sum(-1)
         else:
+            mem_weights = p  # the memory attention's own softmax over the retrieved entries
             m, l_ = mem_term.float().norm(dim=-1), local_term.float().norm(dim=-1)
             share = m / (m + l_).clamp(min=1e-12)
         gate = {"learned_scalar": lambda: torch.sigmoid(self.gate_bias),
@@ -197,4 +208,8 @@ class Attention(nn.Module):
             "gate": gate().detach().float().cpu() if gate else None,  # [H] or None where no scalar gate exists
             "queries_with_memory": int(has_mem.sum()),
             "distance_counts": torch.bincount(hist.clamp(min=0), minlength=len(DISTANCE_EDGES))[:len(DISTANCE_EDGES)],
+            # per query, on the model's device: [B, H, T, k] positions (-1 invalid) and weights, [B, H, T] share
+            "retrieved_positions": found.positions,
+            "retrieved_weights": mem_weights.float() * found.valid,
+            "token_memory_share": (share * has_mem).float(),
         })

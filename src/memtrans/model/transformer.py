@@ -8,6 +8,13 @@ layer and kNN memory in the layers named by `ModelConfig.memory_layers`.
 
 With `memory_layers=()` it is a Transformer-XL with everything else identical. A memory layer whose
 memory is empty outputs the memory term 0, i.e. `(1 - g) * V_local` for the paper's gate.
+
+Incremental use (generation): `logits, state = model.extend(tokens, state)` consumes tokens of any length
+and alignment. Segments fill exactly as in `forward` over segment_len-sized chunks: the current partial
+segment's keys/values are kept in `state.window` (XL cache + the segment so far), every new query retrieves
+from memory, and only when the segment is complete is it written to memory and becomes the XL cache. So
+extending one token at a time gives the logits of one teacher-forced forward over the same tokens.
+`model.generate(prompt, state, max_new_tokens, ...)` streams a prompt and samples a continuation.
 """
 from __future__ import annotations
 
@@ -31,16 +38,26 @@ class ModelState:
     xl_valid: torch.Tensor | None  # [B, T_prev] bool: False for slots whose document just started
     positions: torch.Tensor  # [B] long: tokens of the current document already seen per slot
     memories: dict[int, MemoryBackend] = field(default_factory=dict)  # layer index -> memory
+    # A partial segment consumed by `extend` (not yet written to memory nor rolled into the XL cache):
+    # per layer the local window (keys, values) [B, H, T_prev + pending_len, D] = XL cache + the segment so
+    # far, its validity [B, T_prev + pending_len], and the number of tokens of the segment so far (all slots).
+    window: list | None = None
+    window_valid: torch.Tensor | None = None
+    pending_len: int = 0
 
     @property
     def batch_size(self) -> int:
         return self.positions.shape[0]
 
     def state_dict(self) -> dict:
-        return {"xl": [None if c is None else (c[0].cpu(), c[1].cpu()) for c in self.xl],
+        pair = lambda c: None if c is None else (c[0].cpu(), c[1].cpu())
+        return {"xl": [pair(c) for c in self.xl],
                 "xl_valid": None if self.xl_valid is None else self.xl_valid.cpu(),
                 "positions": self.positions.cpu(),
-                "memories": {i: m.state_dict() for i, m in self.memories.items()}}
+                "memories": {i: m.state_dict() for i, m in self.memories.items()},
+                "window": None if self.window is None else [pair(c) for c in self.window],
+                "window_valid": None if self.window_valid is None else self.window_valid.cpu(),
+                "pending_len": self.pending_len}
 
 
 class Block(nn.Module):
@@ -52,8 +69,8 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg.dim, cfg.ffn_dim or 4 * cfg.dim, cfg.dropout)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, xl, xl_valid, memory, positions, diagnostics):
-        h, new_xl = self.attn(self.norm1(x), xl, xl_valid, memory, positions, diagnostics)
+    def forward(self, x, xl, xl_valid, memory, positions, diagnostics, write_memory=True):
+        h, new_xl = self.attn(self.norm1(x), xl, xl_valid, memory, positions, diagnostics, write_memory)
         x = x + self.dropout(h)
         return x + self.ffn(self.norm2(x)), new_xl
 
@@ -89,6 +106,11 @@ class MemorizingTransformer(nn.Module):
     def reset_state(self, state: ModelState, slots) -> ModelState:
         """A new document starts in `slots` (indices or bool mask): clear their XL cache and memories."""
         idx = _as_index(slots, state.batch_size).to(self.device)
+        if len(idx) and state.pending_len:
+            if len(set(idx.tolist())) < state.batch_size:
+                raise ValueError(f"cannot reset some slots while a partial segment of {state.pending_len} tokens "
+                                 f"is pending (model.extend); reset all slots or finish the segment first")
+            state.window, state.window_valid, state.pending_len = None, None, 0  # every slot starts afresh
         if len(idx):
             if state.xl_valid is not None:
                 state.xl_valid[idx] = False
@@ -111,12 +133,18 @@ class MemorizingTransformer(nn.Module):
         state.positions = d["positions"].to(dev)
         for i, m in state.memories.items():
             m.load_state_dict(d["memories"][i])
+        if d.get("window") is not None:  # a partial segment consumed by extend (absent in older checkpoints)
+            state.window = [None if c is None else (c[0].to(dev), c[1].to(dev)) for c in d["window"]]
+            state.window_valid = None if d["window_valid"] is None else d["window_valid"].to(dev)
+            state.pending_len = int(d["pending_len"])
         return state
 
     def forward(self, tokens: torch.Tensor, state: ModelState | None = None, diagnostics: dict | None = None):
         """tokens [B, T] -> (logits [B, T, vocab] float32, state advanced by T tokens).
 
-        If `diagnostics` is a dict, each memory layer i fills `diagnostics[i]` (see Attention._diagnose).
+        The T tokens are one segment: retrieval for all of them, then they are written to memory and become
+        the XL cache. If `diagnostics` is a dict, each memory layer i fills `diagnostics[i]`
+        (see Attention._diagnose).
         """
         B, T = tokens.shape
         if T > self.cfg.segment_len:
@@ -125,21 +153,186 @@ class MemorizingTransformer(nn.Module):
             state = self.init_state(B)
         if state.batch_size != B:
             raise ValueError(f"state holds {state.batch_size} slots but tokens have batch size {B}")
-        positions = state.positions[:, None] + torch.arange(T, device=tokens.device)[None, :]  # [B, T]
-        x = self.embed(tokens)
-        new_xl = []
-        for i, block in enumerate(self.blocks):
-            layer_diag = None
-            if diagnostics is not None and i in state.memories:
-                layer_diag = diagnostics.setdefault(i, {})
-            xl = state.xl[i] if self.cfg.xl_cache else None
-            x, kv = block(x, xl, state.xl_valid if xl is not None else None, state.memories.get(i), positions, layer_diag)
-            new_xl.append(kv if self.cfg.xl_cache else None)
-        logits = self.head(self.norm(x)).float()
-        state.xl = new_xl
+        if state.pending_len:
+            raise ValueError(f"the state holds a partial segment of {state.pending_len} tokens from model.extend; "
+                             f"continue it with model.extend")
+        xl = state.xl if self.cfg.xl_cache else [None] * self.cfg.depth
+        logits, new_xl = self._blocks(tokens, state, xl, state.xl_valid, diagnostics, write_memory=True)
+        state.xl = new_xl if self.cfg.xl_cache else [None] * self.cfg.depth
         state.xl_valid = torch.ones(B, T, dtype=torch.bool, device=tokens.device) if self.cfg.xl_cache else None
         state.positions = state.positions + T
         return logits, state
 
+    def _blocks(self, tokens, state, prefix, prefix_valid, diagnostics, write_memory):
+        """Run every block over tokens [B, T] whose local window is preceded by prefix[i] (keys, values) or
+        None; returns (logits, per layer (k, v) of these T tokens)."""
+        T = tokens.shape[1]
+        positions = state.positions[:, None] + torch.arange(T, device=tokens.device)[None, :]  # [B, T]
+        x = self.embed(tokens)
+        kvs = []
+        for i, block in enumerate(self.blocks):
+            layer_diag = None
+            if diagnostics is not None and i in state.memories:
+                layer_diag = diagnostics.setdefault(i, {})
+            p = prefix[i]
+            x, kv = block(x, p, prefix_valid if p is not None else None, state.memories.get(i), positions,
+                          layer_diag, write_memory)
+            kvs.append(kv)
+        return self.head(self.norm(x)).float(), kvs
+
+    def extend(self, tokens: torch.Tensor, state: ModelState | None = None, diagnostics: dict | None = None):
+        """tokens [B, T], any T >= 1 -> (logits [B, T, vocab] float32, state advanced by T tokens).
+
+        Consumes tokens exactly as `forward` over consecutive segment_len chunks of the document would,
+        wherever the state stands inside a segment: each query attends to the XL cache and to the current
+        segment up to itself and retrieves from memory before the segment is written; a segment is written
+        to memory and becomes the XL cache once its segment_len tokens are in. A partial segment stays in
+        `state.window` (call `forward` again only after it completes). `diagnostics` describes the last
+        chunk (the tokens after the last segment boundary crossed).
+        """
+        B, T = tokens.shape
+        if state is None:
+            state = self.init_state(B)
+        if state.batch_size != B:
+            raise ValueError(f"state holds {state.batch_size} slots but tokens have batch size {B}")
+        if T == 0:
+            raise ValueError("extend needs at least one token")
+        S = self.cfg.segment_len
+        out, start = [], 0
+        while start < T:
+            n = min(T - start, S - state.pending_len)
+            chunk = tokens[:, start:start + n]
+            if diagnostics is not None:
+                diagnostics.clear()
+            if state.pending_len == 0 and n == S:  # a whole segment: the training forward itself
+                logits, state = self.forward(chunk, state, diagnostics)
+            else:
+                logits = self._extend_partial(chunk, state, diagnostics)
+            out.append(logits)
+            start += n
+        return (out[0] if len(out) == 1 else torch.cat(out, 1)), state
+
+    def _extend_partial(self, tokens, state, diagnostics):
+        B, n = tokens.shape
+        S, depth = self.cfg.segment_len, self.cfg.depth
+        if state.window is None:  # a segment starts: its window begins with the previous segment (XL cache)
+            xl = state.xl if self.cfg.xl_cache else [None] * depth
+            state.window = list(xl)
+            state.window_valid = state.xl_valid if self.cfg.xl_cache and any(c is not None for c in xl) else None
+        logits, kvs = self._blocks(tokens, state, state.window, state.window_valid, diagnostics, write_memory=False)
+        state.window = [kv if w is None else (torch.cat([w[0], kv[0]], 2), torch.cat([w[1], kv[1]], 2))
+                        for w, kv in zip(state.window, kvs)]
+        ones = torch.ones(B, n, dtype=torch.bool, device=tokens.device)
+        state.window_valid = ones if state.window_valid is None else torch.cat([state.window_valid, ones], 1)
+        state.pending_len += n
+        state.positions = state.positions + n
+        if state.pending_len == S:  # the segment is complete: write it to memory, roll the XL cache
+            seg = [(w[0][:, :, -S:].contiguous(), w[1][:, :, -S:].contiguous()) for w in state.window]
+            seg_positions = state.positions[:, None] - S + torch.arange(S, device=tokens.device)[None, :]
+            for i, memory in state.memories.items():
+                memory.add(seg[i][0], seg[i][1], seg_positions)
+            state.xl = seg if self.cfg.xl_cache else [None] * depth
+            state.xl_valid = torch.ones(B, S, dtype=torch.bool, device=tokens.device) if self.cfg.xl_cache else None
+            state.window, state.window_valid, state.pending_len = None, None, 0
+        return logits
+
+    @torch.no_grad()
+    def generate(self, tokens: torch.Tensor, state: ModelState | None = None, max_new_tokens: int = 64,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 stop=None, generator: torch.Generator | None = None, retrievals: list | None = None,
+                 progress=None):
+        """Stream the prompt `tokens` [B, T] (T >= 1) through the model, then sample up to `max_new_tokens`.
+
+        Returns (new tokens [B, n] long, state). The prompt goes in segment by segment exactly as in training
+        (wherever `state` stands: a fresh state starts a document); then each sampled token is fed back with
+        `extend`, so the logits are those of one teacher-forced forward over prompt + continuation. The
+        returned state has consumed every prompt and generated token (calling generate again continues the
+        document). Sampling: `temperature=0` is greedy (argmax); otherwise softmax(logits / temperature)
+        restricted to the `top_k` most likely tokens and/or the smallest set whose mass reaches `top_p`,
+        drawn with `generator` (seeded: reproducible). `stop` (a token id or a collection of ids) ends
+        generation once every row has produced one (rows that stopped earlier keep being sampled; cut them
+        at their first stop token). `retrievals`, if a list, receives per generated token
+        {layer: {"positions": [B, H, k] long, "weights": [B, H, k], "share": [B, H], "gate": [H] | None}}:
+        what each memory layer retrieved for the query that predicted the token (document positions, -1
+        where invalid; the attention weight of each entry) and the share of the head output from memory.
+        `progress(n)` is called with the number of prompt tokens consumed after each prompt segment.
+        """
+        if tokens.dim() != 2 or tokens.shape[1] == 0:
+            raise ValueError(f"the prompt must be a [batch, length >= 1] tensor of token ids, got shape {tuple(tokens.shape)}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        check_sampling(temperature, top_k, top_p)
+        B, T = tokens.shape
+        state = self.init_state(B) if state is None else state
+        stop_ids = None
+        if stop is not None:
+            stop_ids = torch.as_tensor([stop] if isinstance(stop, int) else list(stop), dtype=torch.long,
+                                       device=tokens.device)
+        want_diag = retrievals is not None and bool(state.memories)
+        S, start, diag = self.cfg.segment_len, 0, None
+        while start < T:  # the prompt, one segment (or the rest of the current one) at a time
+            n = min(T - start, S - state.pending_len)
+            diag = {} if want_diag else None
+            logits, state = self.extend(tokens[:, start:start + n], state, diag)
+            start += n
+            if progress is not None:
+                progress(n)
+        next_logits = logits[:, -1]
+        out = []
+        done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
+        for _ in range(max_new_tokens):
+            tok = sample_next(next_logits, temperature, top_k, top_p, generator)
+            out.append(tok)
+            if want_diag:
+                retrievals.append(_last_query_retrievals(diag))
+            diag = {} if want_diag else None
+            logits, state = self.extend(tok[:, None], state, diag)
+            next_logits = logits[:, -1]
+            if stop_ids is not None:
+                done |= torch.isin(tok, stop_ids)
+                if bool(done.all()):  # one host sync per token, in the decoding loop (not the forward)
+                    break
+        new = torch.stack(out, 1) if out else tokens.new_zeros(B, 0)
+        return new, state
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _last_query_retrievals(diag: dict) -> dict:
+    """Per memory layer, what the last query of a chunk retrieved (see MemorizingTransformer.generate)."""
+    return {layer: {"positions": d["retrieved_positions"][:, :, -1], "weights": d["retrieved_weights"][:, :, -1],
+                    "share": d["token_memory_share"][:, :, -1], "gate": d["gate"]}
+            for layer, d in diag.items() if d}
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row of logits [B, V]: argmax at temperature 0, otherwise a draw from the softmax of
+    logits / temperature restricted to the top_k tokens and then to the top_p nucleus (at least one token)."""
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, -1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        outside = probs.cumsum(-1) - probs >= top_p  # the mass before this token already reaches top_p
+        outside[..., 0] = False
+        logits = logits.masked_fill(torch.zeros_like(outside).scatter(-1, order, outside), float("-inf"))
+    probs = logits.softmax(-1)
+    if generator is not None and generator.device != probs.device:
+        probs = probs.to(generator.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
