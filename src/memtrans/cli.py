@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import sys
 
 COMMANDS = {
@@ -32,11 +34,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memtrans: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
+    # Errors a user can cause or meet end in one line naming the file or field and the fix, never a stack
+    # trace (MEMTRANS_DEBUG=1 shows it). SIGTERM and SIGINT stop a command cleanly (exit 128 + signal number).
+    from memtrans.utils import Interrupted, describe_os_error, handle_signals
+
+    debug = os.environ.get("MEMTRANS_DEBUG", "") not in ("", "0")
     try:
-        return int(module.main(rest) or 0)
-    except ValueError as e:  # configuration and input errors: one clear line, no stack trace
+        with handle_signals():
+            return int(module.main(rest) or 0)
+    except ValueError as e:  # configuration and input errors
+        if debug:
+            raise
         print(f"memtrans {name}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # permissions, a full disk, a file size limit, missing files
+        if debug:
+            raise
+        print(f"memtrans {name}: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
+    except (Interrupted, KeyboardInterrupt) as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        print(f"memtrans {name}: interrupted by {signal.Signals(signum).name}; run the same command again to "
+              f"continue (finished results are kept)", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":
