@@ -26,7 +26,8 @@ from memtrans.train.checkpoint import (CHECKPOINT_VERSION, checkpoint_path, load
                                        model_weights, resolve_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from memtrans.train.optim import build_optimizer, build_scheduler
 from memtrans.train.stability import StabilityTracker
-from memtrans.utils import atomic_write_json, read_json
+from memtrans.utils import (DirLock, Interrupted, atomic_write_json, clean_stale_tmp, kill_at, read_json,
+                            stale_lock_note)
 
 TERMINAL = ("finished", "diverged")
 # Config keys that may change between an interrupted run and its resumption (length, budgets, logging,
@@ -109,15 +110,19 @@ def _progress(total: int, initial: int, enabled: bool):
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = True, quiet: bool = False,
-          on_step: Callable[[int], None] | None = None) -> dict:
+          on_step: Callable[[int], None] | None = None, retrain: bool = False) -> dict:
     """Train `cfg` into `run_dir` (see module docstring). Returns the summary dict.
 
-    resume=True continues from run_dir/checkpoints/latest.pt when it exists (and returns at once if the
-    run already finished or diverged); resume=False refuses a run dir that already holds a checkpoint.
-    A diverged run ends normally with status `diverged`; an escaping exception sets status `failed`.
-    `on_step(step)` is called after every completed step (tests use it to simulate a crash).
+    resume=True continues from run_dir/checkpoints/latest.pt when it exists; resume=False refuses a run dir
+    that already holds a checkpoint. A run directory is one run: a finished (or diverged) run is never trained
+    again or changed (see `_finished_run`): with its checkpoint it returns at once, without it it is refused
+    unless retrain=True, and a config that differs from it is always refused.
+    A diverged run ends normally with status `diverged`; an escaping exception sets status `failed`
+    (`interrupted` for SIGTERM / SIGINT). `on_step(step)` is called after every completed step (tests use it
+    to simulate a crash). The run directory is locked (RUN/.lock) while training writes into it.
     """
     run_dir = Path(run_dir)
+    check_values(cfg)
     device = resolve_device(cfg.train.device)
     cfg = resolve_run_config(cfg, run_dir, device)
     ctx = D.init_distributed(device.type)
@@ -128,18 +133,176 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = True, quiet: bool = F
     status_file = run_dir / "status.json"
     say = (lambda *a: print(*a, flush=True)) if main_rank and not quiet else (lambda *a: None)
     say(f"memtrans train: {policy_of(cfg, device).describe()}")
+    lock = None
     try:
-        if ckpt_file.exists():
-            status = (read_json(status_file) or {}).get("status")
-            if not resume:
-                raise ValueError(f"{run_dir} already holds a checkpoint; pass --resume to continue it or choose "
-                                 f"another --run-dir (nothing is deleted)")
-            if status in TERMINAL:
-                say(f"memtrans train: {run_dir} already {status}; nothing to do")
-                return read_json(run_dir / "summary.json") or {"status": status}
+        # A finished run needs no writes (and no lock): a read-only results directory answers at once.
+        done = _finished_run(cfg, run_dir, ckpt_file, resume, retrain, say, main_rank, write=False)
+        if done is not None:
+            return done
+        if main_rank:
+            lock = DirLock(run_dir, ".lock", "run directory").acquire()
+            note = stale_lock_note(lock)
+            if note:
+                say(f"memtrans train: {note}")
+            removed = clean_stale_tmp(ckpt_file.parent) + clean_stale_tmp(run_dir, names=TRAINER_FILES)
+            removed += clean_stale_tmp(run_dir, min_age_s=3600)  # other writers' (eval), when surely dead
+            if removed:
+                say(f"memtrans train: removed {len(removed)} temporary file(s) of interrupted writes "
+                    f"({', '.join(p.name for p in removed[:3])}{', ...' if len(removed) > 3 else ''})")
+        # again under the lock: another process may have finished the run meanwhile; this one may write
+        done = _finished_run(cfg, run_dir, ckpt_file, resume, retrain, say, main_rank, write=True)
+        if done is not None:
+            return done
         return _train(cfg, run_dir, ctx, device, ckpt_file, say, quiet, on_step)
     finally:
+        if lock is not None:
+            lock.release()
         D.shutdown(ctx)
+
+
+# Files the trainer writes in RUN/ (their stale temporaries are removed on the next start).
+TRAINER_FILES = ("config.yaml", "status.json", "summary.json", "metrics.jsonl")
+# Fields that may differ from a finished run's config without making it another run: hardware and speed
+# (results are the same), eval.* (evaluation settings), and model.vocab_size (taken from the tokenizer,
+# which the data fields decide).
+FINISHED_RUN_FREE = ("train.threads", "train.device", "train.compile", "train.tensorboard", "model.vocab_size")
+# What a retrain moves aside into RUN/previous/<time>/ (status.json last: until then the run stays finished).
+RESULT_FILES = ("eval*.json", "plots", "tensorboard", "metrics.jsonl", "summary.json", "error.txt", "status.json")
+
+
+def terminal_state(run_dir: Path) -> tuple[str | None, dict | None]:
+    """(status, summary) of a run whose training ended (finished or diverged), else (None, None).
+
+    status.json says so, or summary.json does (it is written only at the end of a run, and status.json may
+    say `failed` or `interrupted` where the ablation runner recorded a failed evaluation or a stop)."""
+    summary = read_json(run_dir / "summary.json")
+    summary = summary if isinstance(summary, dict) else None
+    status = (read_json(run_dir / "status.json") or {}).get("status")
+    if status in TERMINAL:
+        return status, summary
+    if summary is not None and summary.get("status") in TERMINAL:
+        return summary["status"], summary
+    return None, None
+
+
+def recorded_differences(cfg: Config, run_dir: Path, free: tuple[str, ...] = FINISHED_RUN_FREE) -> list[str]:
+    """`field: recorded -> given` for each field of `cfg` that differs from RUN/config.yaml (ignoring `free`
+    and eval.*). A missing or unreadable config.yaml is a ValueError: the run cannot be checked."""
+    import yaml
+
+    saved = run_dir / "config.yaml"
+    try:
+        recorded = config_from_dict(yaml.safe_load(saved.read_text()) or {}).to_dict()
+    except FileNotFoundError:
+        raise ValueError(f"{saved} is missing, so {run_dir} cannot be checked against this config; restore it "
+                         f"or use another --run-dir") from None
+    except (yaml.YAMLError, ValueError, AttributeError, TypeError) as e:
+        raise ValueError(f"{saved} is unreadable ({str(e).splitlines()[0][:200]}); restore it or use another "
+                         f"--run-dir") from None
+    a, b = _flatten(recorded), _flatten(cfg.to_dict())
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in config_differences(recorded, cfg.to_dict())
+            if k not in free and not k.startswith("eval.")]
+
+
+def _finished_run(cfg: Config, run_dir: Path, ckpt_file: Path, resume: bool, retrain: bool, say, main_rank: bool,
+                  write: bool) -> dict | None:
+    """The guard of finished runs. Returns the run's summary when there is nothing to do, None when training
+    goes on (an unfinished run, or a retrain). With write=False it never writes and returns None where a
+    write would be needed (the caller takes the lock and asks again with write=True)."""
+    status, summary = terminal_state(run_dir)
+    if status is None:
+        if ckpt_file.exists() and not resume:
+            raise ValueError(f"{run_dir} already holds a checkpoint; pass --resume to continue it or choose "
+                             f"another --run-dir (nothing is deleted)")
+        return None
+    step = (summary or {}).get("steps", (read_json(run_dir / "status.json") or {}).get("step"))
+    diff = recorded_differences(cfg, run_dir)
+    if diff:
+        raise ValueError(f"{run_dir} is a {status} run (step {step}) with another config: {'; '.join(diff)}. "
+                         f"A finished run is never trained again with a different config; nothing was changed. "
+                         f"Use another --run-dir (without one, the run goes to runs/<config hash>)")
+    if ckpt_file.exists():
+        if not resume:
+            raise ValueError(f"{run_dir} already {status} at step {step} and holds its checkpoint; nothing was "
+                             f"changed. Choose another --run-dir for a new run (--resume would return at once)")
+        if summary is None:
+            return None  # finished but summary.json lost: _train completes it from the checkpoint
+        if (read_json(run_dir / "status.json") or {}).get("status") != status:
+            if not write:
+                return None
+            if main_rank:  # status.json was overwritten (e.g. a failed evaluation) or the kill came before it
+                atomic_write_json(run_dir / "status.json", _status_record(summary))
+        say(f"memtrans train: {run_dir} already {status} at step {step}; nothing to do")
+        return summary
+    if not retrain:
+        raise ValueError(f"{run_dir} already {status} at step {step}, but its checkpoint {ckpt_file} is gone, so it "
+                         f"can be neither resumed nor evaluated again; nothing was changed. To train it again from "
+                         f"scratch pass --retrain (its results move to {run_dir}/previous/<time>/), or use another "
+                         f"--run-dir")
+    if not write:
+        return None
+    if main_rank:
+        dest = archive_results(run_dir)
+        say(f"memtrans train: --retrain: the previous results of {run_dir} moved to {dest}; training from scratch")
+    return None
+
+
+def _status_record(summary: dict) -> dict:
+    return {"status": summary["status"], "step": summary["steps"], "error": None,
+            "wall_time_s": round(float(summary["wall_time_s"]), 3)}
+
+
+def archive_results(run_dir: Path) -> Path:
+    """Move a finished run's results into RUN/previous/<time>/ (nothing is deleted); returns that directory."""
+    dest = run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    while dest.exists():
+        dest = dest.with_name(dest.name + "+")
+    dest.mkdir(parents=True)
+    for pattern in RESULT_FILES:
+        for p in sorted(run_dir.glob(pattern)):
+            os.replace(p, dest / p.name)
+    return dest
+
+
+def _check(ok: bool, field: str, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{field}: {value!r} is not allowed; {allowed} (e.g. --set {field}=...)")
+
+
+def check_values(cfg: Config) -> None:
+    """Values the config's types allow but training cannot use: a ValueError naming the field and what is
+    allowed. (Choices and model sizes are checked by memtrans.config.)"""
+    t, o = cfg.train, cfg.optim
+
+    def finite(x) -> bool:
+        return isinstance(x, (int, float)) and math.isfinite(x)
+    _check(t.steps >= 1, "train.steps", t.steps, "it must be a positive number of steps")
+    _check(t.seed >= 0, "train.seed", t.seed, "it must be >= 0")
+    _check(t.log_every >= 0, "train.log_every", t.log_every, "it must be >= 0 (0 or 1: every step)")
+    _check(t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every,
+           "it must be >= 0 (0: only at the end)")
+    _check(t.threads is None or t.threads >= 1, "train.threads", t.threads, "it must be >= 1, or null for torch's default")
+    _check(t.budget_minutes is None or (finite(t.budget_minutes) and t.budget_minutes > 0), "train.budget_minutes",
+           t.budget_minutes, "it must be a positive number of minutes, or null")
+    _check(t.budget_tokens is None or t.budget_tokens >= 1, "train.budget_tokens", t.budget_tokens,
+           "it must be a positive number of tokens, or null")
+    _check(t.spike_window >= 1, "train.spike_window", t.spike_window, "it must be >= 1")
+    for name in ("spike_factor", "divergence_factor"):
+        v = getattr(t, name)
+        _check(finite(v) and v > 0, f"train.{name}", v, "it must be a positive number")
+    _check(finite(t.tagged_loss_weight) and t.tagged_loss_weight >= 0, "train.tagged_loss_weight",
+           t.tagged_loss_weight, "it must be a number >= 0")
+    _check(finite(o.lr) and o.lr > 0, "optim.lr", o.lr, "it must be a positive number")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "it must be >= 0")
+    for name in ("weight_decay", "grad_clip"):
+        v = getattr(o, name)
+        _check(finite(v) and v >= 0, f"optim.{name}", v, "it must be a number >= 0 (0: off)")
+    _check(finite(o.min_lr_ratio) and 0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio,
+           "it must lie in [0, 1]")
+    _check(len(o.betas) == 2 and all(finite(b) and 0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas),
+           "it must be two numbers in [0, 1)")
+    _check(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "it must be >= 1")
+    _check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "it must be >= 1")
 
 
 def resolve_run_config(cfg: Config, run_dir: Path, device: torch.device) -> Config:
@@ -191,6 +354,15 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
         if ckpt.get("world_size", 1) != ctx.world_size:
             raise ValueError(f"cannot resume {run_dir}: checkpoint was written by {ckpt.get('world_size', 1)} "
                              f"processes, now {ctx.world_size}")
+        if ckpt.get("finished") and isinstance(ckpt.get("summary"), dict):
+            # killed after the final checkpoint, before summary.json / status.json: write what that run wrote
+            summary = ckpt["summary"]
+            if main_rank:
+                atomic_write_json(run_dir / "summary.json", summary)
+                atomic_write_json(run_dir / "status.json", _status_record(summary))
+            say(f"memtrans train: {run_dir} had {summary['status']} at step {summary['steps']} (stopped before its "
+                f"summary was written); summary.json and status.json written from its final checkpoint")
+            return summary
 
     torch.manual_seed(tc.seed)
     model = MemorizingTransformer(cfg.model).to(device)
@@ -216,6 +388,7 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
                                cfg.optim.grad_clip)
     torch.manual_seed(tc.seed * 1000 + ctx.rank + 1)  # per-rank RNG for dropout
     step, tokens, wall_before = 0, 0, 0.0
+    last_loss = None
     scaler_state = None
     if ckpt is not None:
         try:
@@ -231,6 +404,7 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
             raise ValueError(f"checkpoint {ckpt_file} does not fit this run ({type(e).__name__}: {str(e)[:300]})") from None
         set_rng_state(mine["rng"], device)
         step, tokens, wall_before = int(ckpt["step"]), int(ckpt["tokens"]), float(ckpt.get("wall_time_s", 0.0))
+        last_loss = ckpt["last_loss"] if "last_loss" in ckpt else _logged_loss(run_dir / "metrics.jsonl", step)
         init_info = ckpt.get("init_from")
         notes = list(dict.fromkeys(ckpt.get("notes", []) + notes))
         say(f"memtrans train: resuming {run_dir} at step {step} ({tokens} tokens)")
@@ -251,7 +425,7 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
             atomic_write_json(run_dir / "status.json", {"status": status, "step": step, "error": error,
                                                          "wall_time_s": round(wall(), 3)})
 
-    def checkpoint(finished: bool, status: str) -> None:
+    def checkpoint(finished: bool, status: str, summary: dict | None = None) -> None:
         per_rank = D.gather_objects({"rng": rng_state(device), "stream": stream.state_dict(),
                                      "model_state": state.state_dict()}, ctx)
         if main_rank:
@@ -262,12 +436,30 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
                              "grad_scaler": None if scaler is None else scaler.state_dict(),
                              "world_size": ctx.world_size, "ranks": per_rank, "rng": per_rank[0]["rng"],
                              "stream": per_rank[0]["stream"], "model_state": per_rank[0]["model_state"],
-                             "init_from": init_info, "notes": notes}, ckpt_file)
+                             "init_from": init_info, "notes": notes, "last_loss": last_loss,
+                             "summary": summary}, ckpt_file)
+
+    def end_summary() -> dict:
+        checksums = D.gather_objects(D.param_checksum(model), ctx) if ctx.enabled else None
+        w = wall()
+        stab = tracker.summary()
+        summary = {"status": final_status, "steps": step, "tokens": tokens, "final_loss": last_loss,
+                   "loss_spikes": stab["loss_spikes"], "grad_spikes": stab["grad_spikes"],
+                   "clipped_fraction": stab["clipped_fraction"], "diverged": stab["diverged"],
+                   "diverged_step": stab["diverged_step"], "diverged_reason": stab["diverged_reason"],
+                   "loss_spike_steps": stab["loss_spike_steps"], "grad_spike_steps": stab["grad_spike_steps"],
+                   "reference_loss": stab["reference_loss"],
+                   "tokens_per_s": tokens / w if w > 0 else 0.0, "wall_time_s": w, "params": n_params,
+                   "budget_hit": budget_hit, "world_size": ctx.world_size, "device": str(device),
+                   "precision": tc.precision, "init_from": init_info, "notes": notes}
+        if checksums is not None:
+            summary["rank_param_checksums"] = checksums
+        return summary
 
     write_status("running")
     tb = Tensorboard(run_dir, tc.tensorboard and main_rank)
     bar = _progress(tc.steps, step, main_rank and not quiet)
-    metrics = open(metrics_file, "a") if main_rank else None
+    metrics = JsonLines(metrics_file) if main_rank else None
     amp = autocast_context(tc.precision, device)
     scaler = grad_scaler(tc.precision, device)  # fp16 only
     if scaler is not None and scaler_state is not None:
@@ -275,7 +467,6 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip and cfg.optim.grad_clip > 0 else math.inf
     budget_hit = None
     final_status = "finished"
-    last_loss = None
     interval_tokens, interval_start = 0, time.time()
     try:
         model.train()
@@ -300,11 +491,9 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
                 final_status = "diverged"
                 say(f"memtrans train: diverged: {flags['reason']}")
                 if main_rank:
-                    metrics.write(json.dumps({"step": step, "loss": loss_value, "grad_norm": grad_norm,
-                                              "lr": scheduler.get_last_lr()[0], "tokens": tokens,
-                                              "tokens_per_s": 0.0, "clipped": False, "time": round(wall(), 3),
-                                              "diverged": True}) + "\n")
-                    metrics.flush()
+                    metrics.write({"step": step, "loss": loss_value, "grad_norm": grad_norm,
+                                   "lr": scheduler.get_last_lr()[0], "tokens": tokens, "tokens_per_s": 0.0,
+                                   "clipped": False, "time": round(wall(), 3), "diverged": True})
                 break
             lr = scheduler.get_last_lr()[0]
             if scaler is None:
@@ -327,8 +516,7 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
                 if flags["loss_spike"] or flags["grad_spike"]:
                     rec.update(loss_spike=flags["loss_spike"], grad_spike=flags["grad_spike"])
                 if main_rank:
-                    metrics.write(json.dumps(rec) + "\n")
-                    metrics.flush()
+                    metrics.write(rec)
                     tb.log(rec)
                     bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:.0f}")
             bar.update(1)
@@ -346,43 +534,78 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
                 write_status("running")
             if on_step is not None:
                 on_step(step)
-        checkpoint(True, final_status)
+        # The end of a run, in an order that a kill at any moment cannot spoil: the final checkpoint holds the
+        # summary, so a run killed before summary.json or status.json is completed from it by --resume.
+        if metrics is not None:
+            metrics.close()
+        summary = end_summary()
+        checkpoint(True, final_status, summary)
+        kill_at("after_final_checkpoint")
     except BaseException as e:
         bar.close()
         tb.close()
         if metrics is not None:
             metrics.close()
-        write_status("failed", f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+        interrupted = isinstance(e, (Interrupted, KeyboardInterrupt))
+        try:
+            write_status("interrupted" if interrupted else "failed",
+                         f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+        except OSError:
+            pass  # e.g. the disk is full: the error that got us here is the one to report
         raise
     bar.close()
     tb.close()
-    if metrics is not None:
-        metrics.close()
-
-    checksums = D.gather_objects(D.param_checksum(model), ctx) if ctx.enabled else None
-    w = wall()
-    stab = tracker.summary()
-    summary = {"status": final_status, "steps": step, "tokens": tokens, "final_loss": last_loss,
-               "loss_spikes": stab["loss_spikes"], "grad_spikes": stab["grad_spikes"],
-               "clipped_fraction": stab["clipped_fraction"], "diverged": stab["diverged"],
-               "diverged_step": stab["diverged_step"], "diverged_reason": stab["diverged_reason"],
-               "loss_spike_steps": stab["loss_spike_steps"], "grad_spike_steps": stab["grad_spike_steps"],
-               "reference_loss": stab["reference_loss"],
-               "tokens_per_s": tokens / w if w > 0 else 0.0, "wall_time_s": w, "params": n_params,
-               "budget_hit": budget_hit, "world_size": ctx.world_size, "device": str(device),
-               "precision": tc.precision, "init_from": init_info, "notes": notes}
-    if checksums is not None:
-        summary["rank_param_checksums"] = checksums
     if main_rank:
         atomic_write_json(run_dir / "summary.json", summary)
-        write_status(final_status)
+        kill_at("after_summary")
+        atomic_write_json(run_dir / "status.json", _status_record(summary))
         if not quiet:
+            stab = tracker.summary()
             print(f"memtrans train: {final_status} at step {step}: loss {last_loss if last_loss is None else round(last_loss, 4)}, "
-                  f"{tokens} tokens, {summary['tokens_per_s']:.0f} tok/s, {w:.1f}s, "
+                  f"{tokens} tokens, {summary['tokens_per_s']:.0f} tok/s, {summary['wall_time_s']:.1f}s, "
                   f"{stab['loss_spikes']} loss / {stab['grad_spikes']} grad spikes, "
                   f"{100 * stab['clipped_fraction']:.0f}% clipped"
                   + (f", stopped by {budget_hit}" if budget_hit else "") + f" -> {run_dir}", flush=True)
     return summary
+
+
+def _logged_loss(metrics_file: Path, step: int) -> float | None:
+    """The loss metrics.jsonl logged at `step` (for checkpoints older than their `last_loss` field)."""
+    try:
+        lines = metrics_file.read_text().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("step") == step:
+            return rec.get("loss")
+    return None
+
+
+class JsonLines:
+    """metrics.jsonl, appended and flushed a line at a time; a failed write names the file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.f = open(path, "a")
+
+    def write(self, rec: dict) -> None:
+        try:
+            self.f.write(json.dumps(rec) + "\n")
+            self.f.flush()
+        except OSError as e:
+            if e.filename is None:
+                e.filename = str(self.path)
+            raise
+
+    def close(self) -> None:
+        try:
+            self.f.close()
+        except OSError:
+            pass  # a failed flush was reported by write()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -391,7 +614,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, e.g. --set model.gate=fixed (repeatable)")
     p.add_argument("--run-dir", help="run directory (default runs/<config hash>)")
-    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/latest.pt if present")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/latest.pt if present "
+                   "(a finished run is never trained again: it returns at once)")
+    p.add_argument("--retrain", action="store_true", help="train a finished run whose checkpoint was removed again "
+                   "from scratch, same config (its results move to RUN/previous/<time>/)")
     p.add_argument("--init-from", help="run dir or .pt to initialise weights from (new parameters stay fresh)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages (errors still shown)")
     return p
@@ -404,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.train.init_from = args.init_from
     # the default run directory is named by the resolved config, as the ablation runner names its runs
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / resolve_config(cfg).hash()
-    train(cfg, run_dir, resume=args.resume, quiet=args.quiet)
+    train(cfg, run_dir, resume=args.resume, quiet=args.quiet, retrain=args.retrain)
     return 0
 
 
