@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import functools
 import importlib.metadata
@@ -17,6 +18,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -28,7 +30,8 @@ from memtrans.ablation.plan import (BASELINE, ResolvedPlan, RunSpec, estimate_co
                                     resolve)
 from memtrans.config import Config, apply_overrides, config_from_dict, parse_override, save_config
 from memtrans.device import policy_of, resolve_config
-from memtrans.utils import atomic_write_json, atomic_write_text, read_json
+from memtrans.utils import (DirLock, Interrupted, atomic_write_json, atomic_write_text, clean_stale_tmp,
+                            handle_signals, read_json, stale_lock_note)
 
 DONE_STATUSES = ("finished", "diverged")
 ERROR_TAIL_CHARS = 4000
@@ -55,16 +58,53 @@ class RunOutcome:
 RunFn = Callable[[Path, list[list[str]]], RunOutcome]
 
 
+# The child processes of this `memtrans ablate` (pid -> Popen), so that a stop reaches them (forward_signal), and
+# the signal that stopped it (None while running).
+CHILDREN: dict[int, subprocess.Popen] = {}
+STOPPED: list[int] = []
+# the ablation prints the fused kernel's state once; its children do not repeat it per command
+CHILD_WARNING_FILTER = "ignore:memtrans fused top-k kernel unavailable"
+
+
+def forward_signal(signum: int, first: bool) -> None:
+    """Signal handler work (handle_signals): pass a SIGTERM / SIGINT on to every child's process group; a
+    second signal kills them (SIGKILL)."""
+    if not STOPPED:
+        STOPPED.append(signum)
+    for proc in list(CHILDREN.values()):
+        try:
+            os.killpg(proc.pid, signum if first else signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def run_subprocess(run_dir: Path, commands: list[list[str]], threads: int | None = None) -> RunOutcome:
-    """Default run function: the commands one after another; output appended to RUN/stdout.log, stderr.log."""
+    """Default run function: the commands one after another; output appended to RUN/stdout.log, stderr.log.
+
+    Each child runs in its own session (a terminal's Ctrl-C reaches it once, through forward_signal); after
+    a stop no further command starts."""
     run_dir = Path(run_dir)
     env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env["PYTHONWARNINGS"] = ",".join(w for w in (env.get("PYTHONWARNINGS"), CHILD_WARNING_FILTER) if w)
     for cmd in commands:
+        if STOPPED:
+            return RunOutcome(128 + STOPPED[0], "stopped before it started\n", shlex.join(cmd))
         with open(run_dir / "stdout.log", "ab") as out, open(run_dir / "stderr.log", "ab") as err:
             start = err.tell()
-            rc = subprocess.run(cmd, stdout=out, stderr=err, env=env).returncode
+            proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, start_new_session=True)
+            CHILDREN[proc.pid] = proc
+            try:
+                if STOPPED:  # the stop came while it started: forward_signal may have missed it
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, STOPPED[0])
+                rc = proc.wait()
+            except BaseException:  # Interrupted in the main thread (pretrain): wait for the child it signalled
+                proc.wait()
+                raise
+            finally:
+                CHILDREN.pop(proc.pid, None)
         if rc != 0:
             with open(run_dir / "stderr.log", "rb") as err:
                 err.seek(max(start, err.seek(0, 2) - ERROR_TAIL_CHARS))
@@ -350,7 +390,8 @@ def execute(resolved: ResolvedPlan, out: Path, executor: Executor, meta: dict | 
             statuses[h] = (read_json(run_dir / "status.json") or {})["status"]
             continue
         resumed = (run_dir / "status.json").exists() or (run_dir / "checkpoints").exists()
-        save_config(config_from_dict(spec.config), run_dir / "config.yaml")
+        if not (run_dir / "config.yaml").is_file():  # a started run keeps the config its trainer recorded
+            save_config(config_from_dict(spec.config), run_dir / "config.yaml")
         jobs.append(RunJob(spec, run_dir, run_commands(run_dir), run_label(spec), resumed))
     display = Progress(resolved, done=set(statuses), enabled=progress)
     if statuses:
@@ -374,6 +415,18 @@ def execute(resolved: ResolvedPlan, out: Path, executor: Executor, meta: dict | 
                     display.started(job)
                 display.finished(job, status, now - begun.get(job.spec.hash, now))
             display.refresh(executor.active())
+    except Interrupted as e:
+        display.close()
+        executor.close()  # waits for the running children, which forward_signal has stopped
+        for job in jobs:
+            if job.spec.hash not in statuses:
+                status = read_json(job.run_dir / "status.json") or {}
+                if status.get("status") in ("running", "interrupted") or (job.spec.hash in begun and not status):
+                    atomic_write_json(job.run_dir / "status.json", {
+                        **status, "status": "interrupted",
+                        "error": f"stopped by {e} of memtrans ablate; run the same command again to resume it"})
+                    statuses[job.spec.hash] = "interrupted"
+        raise
     finally:
         display.close()
         executor.close()
@@ -510,13 +563,54 @@ def pretrain(cfg: Config, run_fn: RunFn | None = None) -> Path:
     save_config(cfg, run_dir / "config.yaml")
     print(f"pretrain {cfg.train.steps} steps without memory -> {run_dir}", file=sys.stderr, flush=True)
     outcome = (run_fn or run_subprocess)(run_dir, run_commands(run_dir)[:1])
+    if STOPPED:
+        raise Interrupted(STOPPED[0])
     if outcome.returncode != 0:
         raise ValueError(f"pretraining failed (see {run_dir}/stderr.log): {outcome.stderr_tail[-500:]}")
     return run_dir
 
 
 def main(argv: list[str] | None = None, run_fn: RunFn | None = None) -> int:
+    """The CLI. While it runs (not --dry-run) OUT/.ablate.lock keeps a second `memtrans ablate` off the same
+    --out, and SIGTERM / SIGINT are passed on to the runs' processes: it waits for them, records their runs as
+    `interrupted` and exits 128 + the signal's number."""
     args = build_parser().parse_args(argv)
+    STOPPED.clear()
+    if args.dry_run:
+        return _main(args, argv, run_fn)
+    out = Path(args.out or Path("runs") / "ablations" / f"{Path(args.plan).stem}-{args.preset}")
+    with DirLock(out, ".ablate.lock", "the ablation output directory") as lock:
+        note = stale_lock_note(lock)
+        if note:
+            print(f"memtrans ablate: {note}", file=sys.stderr, flush=True)
+        removed = clean_stale_tmp(out) + clean_stale_tmp(out / "plots")
+        if removed:
+            print(f"memtrans ablate: removed {len(removed)} temporary file(s) of interrupted writes in {out}",
+                  file=sys.stderr, flush=True)
+        try:
+            with handle_signals(forward_signal):
+                return _main(args, argv, run_fn)
+        except Interrupted as e:
+            print(f"memtrans ablate: {e}: the running runs were stopped and recorded as interrupted; run the same "
+                  f"command again to resume them (finished runs are kept)", file=sys.stderr, flush=True)
+            return e.exit_code
+
+
+def kernel_note(cfg: Config) -> str | None:
+    """Why the fused top-k kernel does not run here, when a run of the plan would use it (said once per
+    ablation instead of by every run)."""
+    if not cfg.model.memory_layers or cfg.model.memory_backend != "exact":
+        return None
+    try:
+        from memtrans.memory import fast_topk
+
+        reason = fast_topk.unavailable_reason() if hasattr(fast_topk, "unavailable_reason") else None
+    except Exception as e:  # the note must never stop a study
+        reason = f"{type(e).__name__}: {e}"
+    return None if reason is None else f"the fused top-k kernel is unavailable ({reason}); retrieval uses the torch path"
+
+
+def _main(args: argparse.Namespace, argv: list[str] | None, run_fn: RunFn | None) -> int:
     plan = load_plan(args.plan)
     seeds = list(range(args.seeds)) if args.seeds is not None else None
     if seeds is not None and not seeds:
@@ -524,8 +618,19 @@ def main(argv: list[str] | None = None, run_fn: RunFn | None = None) -> int:
     if args.pretrain_steps is not None and (args.init_from is not None or args.pretrain_steps < 1):
         raise ValueError("--pretrain-steps takes a positive number of steps and excludes --init-from")
     resolved = resolve(plan, args.preset, seeds=seeds, only=args.only, extra_overrides=cli_overrides(args))
+    from memtrans.train.trainer import check_values
+
+    for h, spec in resolved.runs.items():  # values a run would refuse, before any run starts
+        try:
+            check_values(config_from_dict(spec.config))
+        except ValueError as e:
+            raise ValueError(f"{args.plan}, preset {args.preset}, run {run_label(spec)}: {e}") from None
     out = Path(args.out or Path("runs") / "ablations" / f"{Path(args.plan).stem}-{args.preset}")
-    print(f"memtrans ablate: {policy_of(config_from_dict(resolved.base_config)).describe()}", flush=True)
+    base = config_from_dict(resolved.base_config)
+    print(f"memtrans ablate: {policy_of(base).describe()}", flush=True)
+    note = None if args.dry_run or base.train.device not in ("cpu", "auto") else kernel_note(base)
+    if note:
+        print(f"memtrans ablate: note: {note}", flush=True)
     if args.pretrain_steps:
         starts = {h: pretrain_config(resolved, spec.config, args.pretrain_steps) for h, spec in resolved.runs.items()}
         dirs: dict[str, str] = {}
