@@ -147,6 +147,7 @@ class MemorizingTransformer(nn.Module):
         (see Attention._diagnose).
         """
         B, T = tokens.shape
+        self._check_tokens(tokens)
         if T > self.cfg.segment_len:
             raise ValueError(f"segment of {T} tokens is longer than segment_len={self.cfg.segment_len}")
         if state is None:
@@ -162,6 +163,17 @@ class MemorizingTransformer(nn.Module):
         state.xl_valid = torch.ones(B, T, dtype=torch.bool, device=tokens.device) if self.cfg.xl_cache else None
         state.positions = state.positions + T
         return logits, state
+
+    def _check_tokens(self, tokens: torch.Tensor) -> None:
+        """Token ids must be integers in [0, vocab_size) (else a ValueError, not an IndexError from the embedding)."""
+        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise ValueError(f"tokens: expected integer token ids, got dtype {tokens.dtype}")
+        if tokens.numel():
+            lo, hi = (int(v) for v in torch.aminmax(tokens))
+            if lo < 0 or hi >= self.cfg.vocab_size:
+                raise ValueError(f"tokens: ids must lie in [0, model.vocab_size={self.cfg.vocab_size}), got "
+                                 f"{hi if hi >= self.cfg.vocab_size else lo}; encode text with the run's tokenizer "
+                                 f"(or set model.vocab_size to the tokenizer's)")
 
     def _blocks(self, tokens, state, prefix, prefix_valid, diagnostics, write_memory):
         """Run every block over tokens [B, T] whose local window is preceded by prefix[i] (keys, values) or
@@ -191,6 +203,7 @@ class MemorizingTransformer(nn.Module):
         chunk (the tokens after the last segment boundary crossed).
         """
         B, T = tokens.shape
+        self._check_tokens(tokens)
         if state is None:
             state = self.init_state(B)
         if state.batch_size != B:
