@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     new_ids = new[0].cpu().numpy()
     if args.show_retrievals:
         if not model.cfg.has_memory:
-            print("memtrans generate: this model has no memory layers; nothing to show", file=sys.stderr)
+            print("memtrans generate: this model has no memory layers; no retrievals to show")
         else:
             print(f"memtrans generate: {len(ids)} prompt tokens; per generated token, what the memory retrieved "
                   f"(@ = token position in the document)")
