@@ -93,8 +93,12 @@ def _cpu_may_run(isa: str) -> str | None:
         return None
     if not _X86:
         return f"not an x86 CPU ({platform.machine()})"
-    if isa == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return f"CPU lacks AVX2 + FMA (torch reports {torch.backends.cpu.get_cpu_capability()})"
+    cap = torch.backends.cpu.get_cpu_capability()
+    if isa == "avx2" and cap not in ("AVX2", "AVX512"):
+        return f"CPU lacks AVX2 + FMA (torch reports {cap})"
+    if isa == "avx512" and not (cap == "AVX512" and torch.cpu._is_avx512_bf16_supported()):
+        return f"CPU lacks AVX-512 with BF16 (torch reports {cap}, AVX512_BF16 " \
+               f"{'yes' if torch.cpu._is_avx512_bf16_supported() else 'no'})"  # not built where it cannot run
     return None
 
 
