@@ -95,12 +95,15 @@ FIELDS_OF_PUBLISHED_RESULTS = [
 ]
 
 
-def test_new_fields_at_default_keep_run_hashes():
+def test_new_fields_at_default_keep_run_hashes(monkeypatch):
     from memtrans.config import HASH_NEW_FIELDS
-    cfg = Config()
+    from memtrans.device import resolve_config
+    # published runs were bf16 (the old defaults); `auto` resolved where bf16 is native names the same runs
+    monkeypatch.setenv("MEMTRANS_BF16", "1")
+    cfg = resolve_config(Config(), "cpu")
     fields = {f"{s}.{k}" for s, v in cfg.to_dict().items() for k in v}
     added = fields - set(FIELDS_OF_PUBLISHED_RESULTS)
     assert added <= set(HASH_NEW_FIELDS), f"new config fields {sorted(added - set(HASH_NEW_FIELDS))}: add them to HASH_NEW_FIELDS"
     assert cfg.hash() == "6d1ed7772c47"  # the default config's hash before recall_layout existed
-    fused = config_from_dict({"data": {"recall_layout": "fused"}})
+    fused = resolve_config(config_from_dict({"data": {"recall_layout": "fused"}}), "cpu")
     assert fused.hash() != cfg.hash()  # a new field that is set still changes the hash

@@ -105,3 +105,13 @@ def test_memory_built_from_an_unresolved_model_config_follows_the_policy(monkeyp
     cfg = load_config(None, ["model.memory_size=64", "model.knn_k=4"]).model
     mem = make_memory(cfg, 1)
     assert mem.dtype == torch.float32 and mem.score_dtype == torch.float32
+
+
+def test_a_cuda_plan_resolves_on_a_machine_without_cuda(monkeypatch):
+    """A `paper` plan (train.device=cuda) is listed and hashed anywhere; only running it needs the GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("MEMTRANS_BF16", raising=False)
+    cfg = dev.resolve_config(load_config(None, ["train.device=cuda"]))
+    assert (cfg.train.precision, cfg.model.memory_dtype, cfg.model.score_dtype) == ("bf16", "bfloat16", "float32")
+    with pytest.raises(ValueError, match="train.device: cuda was asked for but CUDA is not available"):
+        dev.resolve_device("cuda")

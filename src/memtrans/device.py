@@ -28,13 +28,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 AUTO_FIELDS = ("train.precision", "model.memory_dtype", "model.score_dtype")
 
 
-def resolve_device(name: str) -> torch.device:
-    """`train.device` -> a torch.device: auto = CUDA when present, else CPU."""
+def resolve_device(name: str, require: bool = True) -> torch.device:
+    """`train.device` -> a torch.device: auto = CUDA when present, else CPU.
+
+    `require=False` names a device this machine may lack: a plan is resolved (listed, hashed) wherever it is
+    read, and a `paper` plan asks for CUDA on a laptop too; the run itself resolves with `require=True`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name not in ("cpu", "cuda", "meta") and not name.startswith("cuda:"):
         raise ValueError(f"train.device: {name!r} is not allowed; choose auto, cpu, cuda or cuda:N")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    if require and name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("train.device: cuda was asked for but CUDA is not available; set train.device=cpu (or auto)")
     return torch.device(name)
 
@@ -65,7 +68,11 @@ def bf16_native(device: torch.device | str) -> tuple[bool, str]:
     if forced in ("0", "1"):
         return forced == "1", f"MEMTRANS_BF16={forced}"
     if device.type == "cuda":
-        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        if not torch.cuda.is_available():
+            # planning for a GPU from a machine without one: the GPUs this project targets (Ampere and newer)
+            # have bf16; the run resolves again on its own device (a recorded value is kept, see resolve_config)
+            return True, "no CUDA device here: assumed to support bf16 (Ampere or newer)"
+        ok = torch.cuda.is_bf16_supported(including_emulation=False)
         return ok, "CUDA device " + ("supports bf16" if ok else "lacks native bf16")
     if device.type == "cpu":
         cap = cpu_capability()
@@ -114,7 +121,7 @@ def resolve_config(cfg, device: torch.device | str | None = None, recorded: dict
     """A copy of Config `cfg` with no `auto` left in the fields this module decides (see module docstring)."""
     from memtrans.config import Config
     assert isinstance(cfg, Config)
-    device = resolve_device(cfg.train.device) if device is None else torch.device(device)
+    device = resolve_device(cfg.train.device, require=False) if device is None else torch.device(device)
     p = resolve_dtype_names(cfg.train.precision, cfg.model.memory_dtype, cfg.model.score_dtype, device, recorded)
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=p.precision),
                                model=dataclasses.replace(cfg.model, memory_dtype=p.memory_dtype,
@@ -122,7 +129,7 @@ def resolve_config(cfg, device: torch.device | str | None = None, recorded: dict
 
 
 def policy_of(cfg, device: torch.device | str | None = None) -> Policy:
-    device = resolve_device(cfg.train.device) if device is None else torch.device(device)
+    device = resolve_device(cfg.train.device, require=False) if device is None else torch.device(device)
     return resolve_dtype_names(cfg.train.precision, cfg.model.memory_dtype, cfg.model.score_dtype, device)
 
 
