@@ -15,7 +15,7 @@ def kernel_isa(request):
     """Every test here runs once per kernel this machine can execute (AVX-512, AVX2, portable), the lower ones
     forced as MEMTRANS_CPU_ISA would; the int8 prefilter exists in the AVX-512 kernel only."""
     isa = request.param
-    uses_int8 = "int8" in request.node.name
+    uses_int8 = "int8" in request.node.name or request.node.get_closest_marker("int8") is not None
     if uses_int8 and isa != "avx512":
         pytest.skip(f"the int8 prefilter is AVX-512 only (kernel {isa})")
     assert fast_topk.use_isa(isa) == isa
@@ -175,7 +175,9 @@ def test_bad_prefilter_is_a_clear_error():
 
 
 # ---- the int8 prefilter: exact by construction, so it must agree with the plain kernel on hard inputs ----
-int8_only = pytest.mark.skipif(not fast_topk.int8_available(), reason="CPU lacks AVX-512 VNNI")
+def int8_only(test):
+    """An int8-prefilter test: skipped without AVX-512 VNNI, and run with the AVX-512 kernel only."""
+    return pytest.mark.int8(pytest.mark.skipif(not fast_topk.int8_available(), reason="CPU lacks AVX-512 VNNI")(test))
 
 
 def _check_int8(keys, q, k, score_dtype, rtol=1e-5):

@@ -41,7 +41,7 @@ def test_logits_do_not_depend_on_other_slots(retrieval_path, score_dtype, gate, 
                                               memory_layers=(1,), memory_size=memory_size, knn_k=4, gate=gate, qk_norm=qk_norm,
                                               memory_dtype="bfloat16", score_dtype=score_dtype)).eval()
     if retrieval_path != "reference":
-        assert model.init_state(1).memories[1].active_path() == "fused"
+        assert model.init_state(1).memories[1].active_path().startswith("fused")
     g = torch.Generator().manual_seed(1)
     target = torch.randint(0, 16, (1, 6 * SEG), generator=g)
     with torch.no_grad():
