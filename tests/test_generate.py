@@ -164,6 +164,19 @@ def test_stop_token_ends_generation():
 
 
 @torch.no_grad()
+def test_progress_reports_the_prompt_segment_by_segment():
+    model = make()
+    prompt = doc_of(2 * SEG + 5, seed=10, batch=1)
+    seen = []
+    _, state = model.generate(prompt, None, 2, temperature=0, progress=seen.append)
+    assert seen == [SEG, SEG, 5]  # the prompt only, in the segments of the training forward
+    _, state = model.extend(prompt[:, :3], model.init_state(1))  # mid-segment: first the rest of the segment
+    seen.clear()
+    model.generate(prompt, state, 0, progress=seen.append)
+    assert seen == [SEG - 3, SEG, SEG]  # 5 + 8 + 8 = the 21 prompt tokens
+
+
+@torch.no_grad()
 def test_retrievals_describe_each_generated_token():
     model = make(memory_layers=(1,), memory_size=64)
     prompt = doc_of(3 * SEG + 2, seed=9, batch=1)
@@ -223,7 +236,31 @@ def test_cli_generates_and_shows_retrievals(run_dir, tmp_path, capsys):
     shown = capsys.readouterr().out
     assert shown.count("  token ") == 5 and shown.count("layer 1: memory share") == 5
     assert "top entries:" in shown and "@" in shown
+    assert "ending 'uick brown fox jumps over the lazy dog; '" in shown.splitlines()[0]  # its last 40 tokens
     assert shown.split("continuation:\n")[1] == plain  # the same greedy continuation, printed last
+
+
+def test_cli_shows_a_progress_bar_while_reading_the_prompt_on_a_terminal(run_dir, tmp_path, capsys, monkeypatch):
+    import io
+    import sys
+
+    from memtrans.cli import main
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("x" * 90)
+    args = ["generate", str(run_dir), "--prompt-file", str(prompt), "--max-new-tokens", "3", "--temperature", "0"]
+    assert main(args) == 0
+    assert "reading prompt" not in capsys.readouterr().err  # not a terminal (a log, a pipe): no bar
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    assert main(args) == 0
+    err = term.getvalue()
+    assert "reading prompt" in err and "/90" in err, err
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1  # the continuation alone on stdout
 
 
 def test_cli_sampling_is_reproducible_by_seed(run_dir, tmp_path, capsys):

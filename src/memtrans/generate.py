@@ -86,19 +86,25 @@ def _snippet(tokenizer, ids: np.ndarray, pos: int, width: int) -> str:
     return f"{upto[:-1]}[{upto[-1:]}]{dec(ids[pos + 1:hi])}"
 
 
+def entry_weights(r: dict, row: int = 0) -> list[tuple[int, float]]:
+    """One memory layer's retrieval record (see MemorizingTransformer.generate) for batch row `row`:
+    [(document position, weight)], the weight of each retrieved position averaged over heads (each head's
+    memory weights sum to 1, so the weights sum to 1 over a non-empty memory), heaviest first."""
+    pos, w = r["positions"][row].cpu(), r["weights"][row].float().cpu()  # [H, k]
+    H = pos.shape[0]
+    per_pos: dict[int, float] = {}
+    for p_, w_ in zip(pos.flatten().tolist(), w.flatten().tolist()):
+        if p_ >= 0:  # -1: no entry (memory not full enough for k)
+            per_pos[p_] = per_pos.get(p_, 0.0) + w_ / H
+    return sorted(per_pos.items(), key=lambda t: (-t[1], t[0]))
+
+
 def format_retrievals(record: dict, tokenizer, ids: np.ndarray, top: int = 3, width: int = 8) -> list[str]:
     """Lines describing one generated token's retrievals (batch row 0), one per memory layer."""
     lines = []
     for layer, r in sorted(record.items()):
-        pos, w = r["positions"][0].cpu(), r["weights"][0].float().cpu()  # [H, k]
         share = r["share"][0].float().cpu()  # [H]
-        H = pos.shape[0]
-        # weight of each document position, averaged over heads (each head's memory weights sum to 1)
-        per_pos: dict[int, float] = {}
-        for p_, w_ in zip(pos.flatten().tolist(), w.flatten().tolist()):
-            if p_ >= 0:
-                per_pos[p_] = per_pos.get(p_, 0.0) + w_ / H
-        best = sorted(per_pos.items(), key=lambda t: -t[1])[:top]
+        best = entry_weights(r)[:top]
         gate = "" if r["gate"] is None else f", gate {' '.join(f'{g:.2f}' for g in r['gate'].tolist())}"
         head = f"    layer {layer}: memory share {share.mean():.2f} (heads {' '.join(f'{s:.2f}' for s in share.tolist())}){gate}"
         if not best:
@@ -150,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         if not model.cfg.has_memory:
             print("memtrans generate: this model has no memory layers; no retrievals to show")
         else:
-            print(f"memtrans generate: {len(ids)} prompt tokens; per generated token, what the memory retrieved "
-                  f"(@ = token position in the document)")
+            tail = tokenizer.decode(ids[-40:]).replace("\n", "⏎").replace("\ufffd", "·")
+            print(f"memtrans generate: {len(ids)} prompt tokens, ending {tail!r}; per generated token, what the "
+                  f"memory retrieved (@ = token position in the document, [x] = the entry's token)")
         everything = np.concatenate([ids, new_ids])
         for j, tok in enumerate(new_ids):
             print(f"  token {j} (position {len(ids) + j}): {tokenizer.decode(new_ids[j:j + 1])!r}")
