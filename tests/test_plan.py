@@ -35,10 +35,10 @@ def test_real_plan_has_the_five_studies():
     assert "training stability" in plan.studies[3].metrics
     assert plan.base["model.gate"] == "learned_scalar" and plan.base["model.qk_norm"] is True
     assert plan.base["model.memory_layers"] == "near_top" and plan.base["model.knn_k"] == 32
-    assert set(plan.presets) == {"ci", "demo", "small", "recall", "paper"}
+    assert set(plan.presets) == {"ci", "demo", "small", "recall", "paper", "gpu"}
 
 
-@pytest.mark.parametrize("preset", ["ci", "demo", "small", "paper"])
+@pytest.mark.parametrize("preset", ["ci", "demo", "small", "paper", "gpu"])
 def test_every_preset_resolves_every_variant_distinctly(preset):
     plan = load_plan(PLAN)
     r = resolve(plan, preset, seeds=[0])
@@ -142,3 +142,23 @@ def test_preset_values_are_checked_per_preset(tmp_path):
     with pytest.raises(PlanError, match=r"presets.ci \+ studies\[2\].replacements\[0\].overrides: .*knn_k"):
         resolve(plan, "ci")
     resolve(plan, "demo")
+
+
+@pytest.mark.parametrize("dotted, bad, allowed", [
+    ("train.precision", "fp99", "auto, bf16, fp16, fp32"), ("train.device", "tpu", "auto, cpu, cuda"),
+    ("optim.optimizer", "sgd", "adamw, adafactor"), ("optim.schedule", "linear", "cosine, rsqrt, constant"),
+    ("data.tokenizer", "wordpiece", "byte, bpe"), ("model.gate", "sigmoid", "learned_scalar, fixed"),
+    ("data.recall_layout", "scattered", "text, fused"), ("model.memory_backend", "hnsw", "exact, faiss_flat"),
+    ("data.corpus", "wiki", "recall, stdlib-code"), ("model.score_dtype", "fp8", "auto, float32, bfloat16")])
+def test_bad_enumerated_values_fail_at_resolve_with_file_path_and_allowed(tmp_path, dotted, bad, allowed):
+    """On the command line (--set) and in a preset, before any run starts."""
+    with pytest.raises(PlanError) as e:
+        resolve(load_plan(PLAN), "ci", extra_overrides={dotted: bad})
+    msg = str(e.value)
+    section, key = dotted.split(".")
+    assert msg.startswith(f"{PLAN}: command-line overrides (--set {dotted}={bad}): {section}: {key}: "), msg
+    assert allowed in msg, msg
+    path = _write(tmp_path, lambda raw: raw["presets"]["demo"]["overrides"].update({dotted: bad}))
+    with pytest.raises(PlanError) as e:
+        resolve(load_plan(path), "demo")
+    assert str(e.value).startswith(f"{path}: presets.demo.overrides: {section}: {key}: ") and allowed in str(e.value)
