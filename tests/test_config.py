@@ -107,3 +107,50 @@ def test_new_fields_at_default_keep_run_hashes(monkeypatch):
     assert cfg.hash() == "6d1ed7772c47"  # the default config's hash before recall_layout existed
     fused = resolve_config(config_from_dict({"data": {"recall_layout": "fused"}}), "cpu")
     assert fused.hash() != cfg.hash()  # a new field that is set still changes the hash
+
+
+# Every enumerated field: a bad value fails when the config is built, naming the path and every allowed value.
+ENUMERATED = [
+    ("model.gate", "sigmoid", "learned_scalar, fixed, weighted_sum, concat, token_gate, joint_softmax"),
+    ("model.memory_backend", "annoy", "exact, faiss_flat, faiss_ivf"),
+    ("model.memory_dtype", "int8", "auto, float32, bfloat16, float16"),
+    ("model.score_dtype", "fp8", "auto, float32, bfloat16, float16"),
+    ("model.memory_layers", "penthouse", "bottom, middle, near_top, top, multiple"),
+    ("data.corpus", "wikipedia", "recall, stdlib-code, shakespeare, austen, metamath, code, tex or textdir:PATH"),
+    ("data.corpus", "ftp:/data", "jsonl:PATH, parquet:PATH"),
+    ("data.tokenizer", "sentencepiece", "byte, bpe"),
+    ("data.recall_layout", "scattered", "text, fused"),
+    ("optim.optimizer", "sgd", "adamw, adafactor"),
+    ("optim.schedule", "linear", "cosine, rsqrt, constant"),
+    ("train.precision", "fp99", "auto, bf16, fp16, fp32"),
+    ("train.device", "tpu", "auto, cpu, cuda, cuda:N, meta"),
+    ("eval.split", "dev", "train, val, test"),
+]
+
+
+@pytest.mark.parametrize("dotted, bad, allowed", ENUMERATED, ids=[f"{e[0]}={e[1]}" for e in ENUMERATED])
+def test_every_enumerated_value_is_checked_when_built(dotted, bad, allowed):
+    section, key = dotted.split(".")
+    with pytest.raises(ValueError) as e:
+        load_config(None, [f"{dotted}={bad}"])
+    msg = str(e.value)
+    assert msg.startswith(f"{section}: {key}: {bad!r} is not allowed" if key != "memory_layers"
+                          else f"{section}: {key}: unknown word"), msg
+    assert allowed in msg, msg
+
+
+def test_eval_position_buckets_are_checked():
+    with pytest.raises(ValueError, match=r"eval: position_buckets: expected increasing positive integers"):
+        load_config(None, ["eval.position_buckets=[256, 128]"])
+
+
+def test_config_choices_are_the_ones_the_code_acts_on():
+    """The config layer's lists are the ones the consumers use (they may import them from memtrans.config)."""
+    from memtrans import config, device
+    from memtrans.data import corpus, recall
+    from memtrans.train import optim
+
+    assert config.PRECISIONS is device.PRECISIONS and config.DTYPES is device.DTYPE_NAMES
+    assert config.OPTIMIZERS == optim.OPTIMIZERS and config.SCHEDULES == optim.SCHEDULES
+    assert config.CORPORA == corpus.BUILTIN + corpus.FETCHED and config.CORPUS_PREFIXES == corpus.PREFIXES
+    assert set(config.SPLITS) == set(corpus.SPLITS) and recall.LAYOUTS == config.RECALL_LAYOUTS

@@ -14,11 +14,23 @@ from typing import Any
 
 import yaml
 
+# auto: memtrans.device decides per machine; the device policy owns these names
+from memtrans.device import DTYPE_NAMES, PRECISIONS
+
+# The enumerated values of every config field, checked when a config is built (so a plan with a bad value fails
+# before any run starts). The modules that act on them take them from here.
 GATES = ("learned_scalar", "fixed", "weighted_sum", "concat", "token_gate", "joint_softmax")
 BACKENDS = ("exact", "faiss_flat", "faiss_ivf")
-DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: memtrans.device decides per machine
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+DTYPES = DTYPE_NAMES
 LAYER_WORDS = ("bottom", "middle", "near_top", "top", "multiple")
+OPTIMIZERS = ("adamw", "adafactor")  # memtrans.train.optim
+SCHEDULES = ("cosine", "rsqrt", "constant")
+TOKENIZERS = ("byte", "bpe")  # memtrans.data.tokenizer
+RECALL_LAYOUTS = ("text", "fused")  # memtrans.data.recall
+CORPORA = ("recall", "stdlib-code", "shakespeare", "austen", "metamath", "code", "tex")  # memtrans.data.corpus
+CORPUS_PREFIXES = ("textdir", "dirdocs", "jsonl", "parquet")  # "<prefix>:PATH"
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "meta")
+SPLITS = ("train", "val", "test")
 
 
 def memory_layer_indices(word: str, depth: int) -> tuple[int, ...]:
@@ -142,6 +154,15 @@ class DataConfig:
     recall_seed: int = 0  # the recall documents depend on this (not on the training seed)
     recall_layout: str = "text"  # text: "key K = V ." ... "K ? V ."; fused: one token per binding (memtrans.data.recall)
 
+    def __post_init__(self) -> None:
+        c = self.corpus
+        prefix, _, path = c.partition(":") if isinstance(c, str) else ("", "", "")
+        if not isinstance(c, str) or not (c in CORPORA or (prefix in CORPUS_PREFIXES and path)):
+            raise ValueError(f"corpus: {c!r} is not allowed (unknown corpus); choose one of {', '.join(CORPORA)} or "
+                             f"{', '.join(p + ':PATH' for p in CORPUS_PREFIXES)}")
+        _check_choice("tokenizer", self.tokenizer, TOKENIZERS)
+        _check_choice("recall_layout", self.recall_layout, RECALL_LAYOUTS)
+
 
 @dataclass
 class OptimConfig:
@@ -153,6 +174,10 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | rsqrt | constant
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("schedule", self.schedule, SCHEDULES)
 
 
 @dataclass
@@ -180,7 +205,7 @@ class TrainConfig:
         _check_choice("precision", self.precision, PRECISIONS)
         if self.device not in ("auto", "cpu", "cuda", "meta") and not (
                 isinstance(self.device, str) and self.device.startswith("cuda:") and self.device[5:].isdigit()):
-            raise ValueError(f"device: {self.device!r} is not allowed; choose auto, cpu, cuda or cuda:N")
+            raise ValueError(f"device: {self.device!r} is not allowed; choose one of {', '.join(DEVICES)}")
 
 
 @dataclass
@@ -190,6 +215,13 @@ class EvalConfig:
     max_tokens_per_doc: int | None = None
     position_buckets: tuple[int, ...] = (2048, 8192, 32768, 131072)
     batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        _check_choice("split", self.split, SPLITS)
+        edges = list(self.position_buckets)
+        if not all(isinstance(e, int) and not isinstance(e, bool) and e > 0 for e in edges) or any(
+                b <= a for a, b in zip(edges, edges[1:])):
+            raise ValueError(f"position_buckets: expected increasing positive integers, got {edges}")
 
 
 @dataclass

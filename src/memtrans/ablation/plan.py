@@ -375,8 +375,12 @@ def resolve(plan: Plan, preset_name: str, seeds: list[int] | None = None, only: 
             raise PlanError(plan.path, "studies", f"--only {', '.join(only)}: no such study; allowed: "
                                                   f"{', '.join(s.name for s in plan.studies)}")
     where_preset = f"presets.{preset_name}"
-    base = apply_overrides(apply_overrides(_nest(plan.base), preset.overrides), extra)
+    base = apply_overrides(_nest(plan.base), preset.overrides)
     _build(plan.path, f"{where_preset}.overrides", base)
+    if extra:
+        base = apply_overrides(base, extra)
+        _build(plan.path, "command-line overrides (--set " + " ".join(f"{k}={v}" for k, v in extra.items()) + ")",
+               base)
     runs: dict[str, RunSpec] = {}
 
     def expand(study_name: str, variant: Variant | None) -> ResolvedVariant:

@@ -42,12 +42,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from memtrans.config import DataConfig
+from memtrans.config import RECALL_LAYOUTS, DataConfig
 from memtrans.data.corpus import Document
 
 VALUE_ALPHABET = "0123456789"
 KEY_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-LAYOUTS = ("text", "fused")
+LAYOUTS = RECALL_LAYOUTS
 FUSED_KEYS = "ABCDEF"  # 6 keys x 10 values = 60 binding characters U+00C0..U+00FB
 
 
