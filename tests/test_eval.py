@@ -31,6 +31,8 @@ def test_eval_writes_metrics_plots(run):
     rc = data["recall"]
     assert rc["chance"] == pytest.approx(0.1) and rc["tokens"] > 0 and 0 <= rc["acc"] <= 1
     assert sum(b["tokens"] for b in rc["by_distance"]) == rc["tokens"]
+    # "far" is beyond the model's local reach (memtrans.model.reach): segment 16 x (depth 2 + 1) - 1 = 47 tokens
+    assert rc["local_reach"] == 47 and rc["far_min_distance"] == 49 and 0 < rc["far_tokens"] <= rc["tokens"]
     d = data["diagnostics"]
     assert len(d["gates"]["1"]) == 2 and 0 <= d["memory_share"]["1"] <= 1
     assert len(d["retrieval_distance"]["1"]["counts"]) == len(d["retrieval_distance"]["1"]["edges"]) == 26

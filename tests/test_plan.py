@@ -162,3 +162,16 @@ def test_bad_enumerated_values_fail_at_resolve_with_file_path_and_allowed(tmp_pa
     with pytest.raises(PlanError) as e:
         resolve(load_plan(path), "demo")
     assert str(e.value).startswith(f"{path}: presets.demo.overrides: {section}: {key}: ") and allowed in str(e.value)
+
+
+def test_recall_queries_within_the_models_local_reach_are_rejected():
+    """A recall study at a depth/segment whose local attention reaches the bindings would not measure the memory."""
+    plan = load_plan(PLAN)
+    resolve(plan, "recall", seeds=[0])  # depth 2, segment 32: reach 95; the closest query lies 102 tokens back
+    resolve(plan, "ci", seeds=[0])  # depth 4, segment 32: reach 159; closest 176
+    with pytest.raises(PlanError) as e:
+        resolve(plan, "ci", seeds=[0], extra_overrides={"model.segment_len": 64})  # reach 319
+    msg = str(e.value)
+    assert msg.startswith(f"{PLAN}: presets.ci (baseline): data.recall_min_distance=160 lets a query lie 176 tokens"), msg
+    assert "local reach of 319 tokens (model.segment_len 64 x (model.depth 4 + 1) - 1, XL cache)" in msg
+    assert "data.recall_min_distance >= 305" in msg

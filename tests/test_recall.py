@@ -127,3 +127,35 @@ def test_fused_layout_rejects_what_it_cannot_express():
         generate_recall_document(DataConfig(**{**FUSED, "recall_value_len": 2}), 0)
     with pytest.raises(ValueError, match="recall_layout"):
         generate_recall_document(DataConfig(**{**FUSED, "recall_layout": "bytes"}), 0)
+
+
+@pytest.mark.parametrize("layout, extra", [("text", dict(recall_pairs=4)), ("fused", dict(recall_key_len=1, recall_value_len=1,
+                                                                         recall_pairs=6))])
+def test_min_query_distance_bounds_every_generated_query(layout, extra):
+    from memtrans.data.recall import min_query_distance
+
+    cfg = DataConfig(recall_layout=layout, recall_doc_len=400, recall_min_distance=120, recall_docs=200, **extra)
+    closest = min(int(t[t > 0].min()) for _, t in (generate_recall_document(cfg, i) for i in range(cfg.recall_docs)))
+    assert min_query_distance(cfg) <= closest
+    if layout == "fused":  # nearly attained: the last binding queried first right after a short middle filler
+        assert closest <= min_query_distance(cfg) + 2
+
+
+def test_recall_within_local_reach_is_rejected_naming_the_fields():
+    from memtrans.config import config_from_dict
+    from memtrans.data.recall import check_beyond_local_reach
+
+    def cfg(**model):
+        return config_from_dict({"model": {"segment_len": 32, "depth": 2, "dim": 64, "heads": 4, "head_dim": 16,
+                                           **model},
+                                 "data": {"corpus": "recall", "recall_layout": "fused", "recall_pairs": 6,
+                                          "recall_key_len": 1, "recall_value_len": 1, "recall_doc_len": 256,
+                                          "recall_min_distance": 100}})
+    check_beyond_local_reach(cfg())  # closest query 102 tokens back; reach 32 x 3 - 1 = 95, far from 97
+    with pytest.raises(ValueError) as e:
+        check_beyond_local_reach(cfg(depth=3))  # reach 127
+    msg = str(e.value)
+    for part in ("data.recall_min_distance=100", "102 tokens", "model.segment_len 32", "model.depth 3",
+                 "127 tokens", "data.recall_min_distance >= 127"):
+        assert part in msg, (part, msg)
+    check_beyond_local_reach(cfg(depth=3, xl_cache=False))  # no cache: reach 31

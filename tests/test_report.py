@@ -53,7 +53,8 @@ def _write_run(out: Path, h: str, *, ppl: float = 11.0, acc: float = 0.5, status
                         {"bucket": "2K-8K", "lo": 2048, "hi": 8192, "ppl": ppl + 1, "tokens": 1500},
                         {"bucket": "8K-32K", "lo": 8192, "hi": 32768, "ppl": 99.0, "tokens": 10}],
         "recall": {"acc": 0.75, "chance": 0.1, "tokens": 64, "by_distance": [{"lo": 0, "hi": 512, "acc": 0.75,
-                                                                              "tokens": 64}]},
+                                                                              "tokens": 64}],
+                   "far_acc": 0.5, "far_tokens": 60, "far_min_distance": 161, "local_reach": 159},
         "diagnostics": {"gates": {str(layer): None if gates_none else [0.25 + 0.5 * h / heads for h in range(heads)]
                                   for layer in layers}}}))
 
@@ -106,7 +107,10 @@ def test_report_tables_hold_exact_statistics(out):
     # far-position bucket: 2K-8K is the highest with >= 1000 tokens in every run; its ppl is ppl + 1
     assert "far-position ppl (2K-8K)" in md and "12.0000 ± 1.4142" in md
     # recall accuracy 0.75 everywhere: no resolved difference, never a claim
-    assert "no resolved difference in recall accuracy" in md
+    assert "no resolved difference in recall accuracy" in md and "no resolved difference in far recall accuracy" in md
+    # "far" as the evaluator defined it: beyond the model's local reach (ci: segment 32 x (depth 4 + 1) - 1)
+    assert ("far recall accuracy only over queries at distance >= 161 tokens from their binding, beyond "
+            "the model's local reach of 159 tokens") in md
     # qk-norm: the diverged run is out of the quality numbers and counted under stability
     assert "| no qk-norm | 2/3 | 11.5000 ± 0.0000 [11.5000, 11.5000] |" in md
     assert "| no qk-norm | 3/3 | 6.0000 ± 2.6458 [-0.5724, 12.5724] |" in md  # loss spikes 4, 9, 5

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from memtrans.config import Config, apply_overrides, config_from_dict
+from memtrans.data.recall import check_beyond_local_reach
 from memtrans.device import resolve_config
 
 ACTIONS = ("REMOVE", "REPLACE")
@@ -398,6 +399,10 @@ def resolve(plan: Plan, preset_name: str, seeds: list[int] | None = None, only: 
         for seed in seeds:
             # precision `auto` resolved for this machine, so the hash names what will run (memtrans.device)
             cfg = resolve_config(_build(plan.path, where, apply_overrides(data, {"train.seed": seed})))
+            try:  # a recall study whose queries the model reaches locally would not measure the memory
+                check_beyond_local_reach(cfg)
+            except ValueError as e:
+                raise PlanError(plan.path, where, str(e)) from None
             h = cfg.hash()
             spec = runs.setdefault(h, RunSpec(h, seed, cfg.to_dict(), applied))
             spec.members.append((study_name, variant.name if variant else BASELINE))

@@ -205,9 +205,27 @@ def _far_ppl(run: Run, bucket: str | None) -> float | None:
     return None
 
 
-def _recall(run: Run) -> float | None:
+def _recall(run: Run, key: str = "acc") -> float | None:
     rec = run.eval.get("recall")
-    return rec.get("acc") if isinstance(rec, dict) else None
+    return rec.get(key) if isinstance(rec, dict) else None
+
+
+def far_text(runs: list[Run]) -> str | None:
+    """What "far recall" meant in these runs' evaluations (eval.json's recall.far_min_distance, local_reach)."""
+    seen = sorted({(r.eval["recall"].get("far_min_distance"), r.eval["recall"].get("local_reach"))
+                   for r in runs if r.ok and isinstance(r.eval.get("recall"), dict)}, key=str)
+    if not seen:
+        return None
+    parts = []
+    for far, reach in seen:
+        if reach is None:
+            parts.append(f"distance >= {far} tokens from their binding (2 x segment_len: evaluated before far was defined by the "
+                         f"model's reach, so it may include queries the model reaches locally)")
+        else:
+            parts.append(f"distance >= {far} tokens from their binding, beyond the model's local reach of {reach} tokens "
+                         f"(segment_len x (depth + 1) - 1 with the XL cache, no memory)")
+    return ("Recall accuracy is over every scored query; far recall accuracy only over queries at "
+            + "; or ".join(parts) + ": only a memory can answer those.")
 
 
 # (key, heading, how to read it from a run, better when lower?)
@@ -217,6 +235,7 @@ QUALITY = [
     ("acc", "accuracy", lambda r, fb: r.eval.get("acc"), False),
     ("far_ppl", "far-position perplexity", _far_ppl, True),
     ("recall_acc", "recall accuracy", lambda r, fb: _recall(r), False),
+    ("far_recall_acc", "far recall accuracy", lambda r, fb: _recall(r, "far_acc"), False),
 ]
 STABILITY = [
     ("loss_spikes", "loss spikes", lambda r: r.summary.get("loss_spikes")),
@@ -225,7 +244,7 @@ STABILITY = [
     ("final_loss", "final loss", lambda r: r.summary.get("final_loss")),
 ]
 METRIC_KEYS = {"perplexity": ["ppl"], "bits per byte": ["bpb"], "accuracy": ["acc"],
-               "far-position perplexity": ["far_ppl"], "recall accuracy": ["recall_acc"],
+               "far-position perplexity": ["far_ppl"], "recall accuracy": ["recall_acc", "far_recall_acc"],
                "training stability": ["loss_spikes", "grad_spikes"], "tokens per second": []}
 
 
@@ -294,8 +313,10 @@ def summary_lines(study: dict, variants: list[VariantData]) -> list[str]:
     """Plain statements that never claim more than the intervals support."""
     base = variants[0]
     keys = [k for m in study["metrics"] for k in METRIC_KEYS.get(m, [])]
-    if any(r.ok and _recall(r) is not None for v in variants for r in v.runs) and "recall_acc" not in keys:
-        keys.append("recall_acc")
+    for key in ("recall_acc", "far_recall_acc"):
+        if any(r.ok and _recall(r, "acc" if key == "recall_acc" else "far_acc") is not None
+               for v in variants for r in v.runs) and key not in keys:
+            keys.append(key)
     headings = {k: h for k, h, *_ in QUALITY} | {k: h for k, h, _ in STABILITY}
     lines = []
     for v in variants[1:]:
@@ -385,7 +406,7 @@ def study_section(study: dict, variants: list[VariantData], bucket: str | None, 
                     + [stat_cell(v.tokens_per_s)])
     lines += ["### Quality (mean ± std [95% t-interval] over seeds)", ""]
     lines += _table(["variant", "seeds", "perplexity", "bits per byte", "accuracy", far, "recall accuracy",
-                     "tokens/s"], rows) + [""]
+                     "far recall accuracy", "tokens/s"], rows) + [""]
     rows = []
     for v in variants:
         div = sum(r.status == "diverged" for r in v.runs)
@@ -406,7 +427,8 @@ def study_section(study: dict, variants: list[VariantData], bucket: str | None, 
             row += [diff_cell(welch(v.stability[k], base.stability[k]), v.stability[k], base.stability[k])
                     for k in ("loss_spikes", "grad_spikes")]
         rows.append(row)
-    header = (["variant", "Δ perplexity", "Δ bits per byte", "Δ accuracy", f"Δ {far}", "Δ recall accuracy"]
+    header = (["variant", "Δ perplexity", "Δ bits per byte", "Δ accuracy", f"Δ {far}", "Δ recall accuracy",
+               "Δ far recall accuracy"]
               + (["Δ loss spikes", "Δ grad spikes"] if stab else []))
     lines += ["### Change against baseline (variant - baseline, Welch 95% interval; **\\*** = excludes zero)", ""]
     lines += _table(header, rows) + [""]
@@ -457,8 +479,11 @@ def write_report(out: str | Path, min_bucket_tokens: int = MIN_BUCKET_TOKENS) ->
               f"Seeds: {', '.join(map(str, record['seeds']))}. The baseline (the plan's base configuration) is "
               f"one set of runs shared by every study. Quality columns use finished, evaluated runs; diverged runs "
               f"are counted under training stability. Far-position perplexity is the highest document-position "
-              f"bucket with at least {min_bucket_tokens} evaluated tokens in every run: "
-              f"{bucket or 'none had enough tokens'}.", ""]
+              f"bucket (by how much of its document precedes a token, not by distance to a binding) with at least "
+              f"{min_bucket_tokens} evaluated tokens in every run: {bucket or 'none had enough tokens'}.", ""]
+    recall_note = far_text(list(runs.values()))
+    if recall_note:
+        lines += [recall_note, ""]
     if preset["memory_size_scale"] != "1":
         lines += [f"**Memory sizes are scaled by {preset['memory_size_scale']}** for this preset; variants keep "
                   f"the plan's nominal names (e.g. 8K).", ""]

@@ -12,8 +12,9 @@ Format of one document (ASCII only, so with the byte tokenizer token i is charac
   chance 0.1 on every value character);
 - `recall_pairs` bindings `key K = V .` lie in the first part of the document; every key is queried
   exactly once, in a random order, as `K ? V .` in the last part, and every query value character lies
-  at least `recall_min_distance` tokens after its binding's value character (chosen far beyond the
-  Transformer-XL window of two segments, so only a long-range memory can answer).
+  at least `recall_min_distance` tokens after its binding's value character (chosen beyond the model's local
+  reach, `memtrans.model.reach`: segment_len x (depth + 1) - 1 tokens with the XL cache, so only a long-range
+  memory can answer; `check_beyond_local_reach` rejects a config where a query could lie within it).
   Gaps are random, so distances spread from `recall_min_distance` to about `recall_doc_len`.
 
 Layout `fused` (`DataConfig.recall_layout`): each binding is ONE token, the byte that identifies the
@@ -96,6 +97,35 @@ def _check(cfg: DataConfig) -> tuple[int, int]:
         raise ValueError(f"data.recall_doc_len={cfg.recall_doc_len} is too short for recall_pairs={cfg.recall_pairs} "
                          f"and recall_min_distance={cfg.recall_min_distance}: it needs at least {need}")
     return lb, lq
+
+
+def min_query_distance(cfg: DataConfig) -> int:
+    """The smallest distance (tags value) any query of this layout can have: fused, the last binding queried first
+    right after the middle filler (>= recall_min_distance): + 2; text, the last binding's value, " . ", the middle
+    and one query filler, the key and " ? ": + key_len + value_len + 8."""
+    if cfg.recall_layout == "fused":
+        return cfg.recall_min_distance + 2
+    return cfg.recall_min_distance + cfg.recall_key_len + cfg.recall_value_len + 8
+
+
+def check_beyond_local_reach(cfg) -> None:
+    """A recall config (memtrans.config.Config) whose queries could lie within the model's local reach (the
+    segment, the XL cache and the depth, without memory) measures local attention, not the memory: ValueError
+    naming the fields. Not for the fine-tuning recipe's pretrain, which puts bindings in reach on purpose."""
+    from memtrans.model.reach import describe, far_distance
+
+    d, m = cfg.data, cfg.model
+    if d.corpus != "recall":
+        return
+    closest = min_query_distance(d)
+    far = far_distance(m.segment_len, m.depth, m.xl_cache)
+    if closest < far:
+        need = d.recall_min_distance + far - closest
+        raise ValueError(
+            f"data.recall_min_distance={d.recall_min_distance} lets a query lie {closest} tokens after its binding "
+            f"(data.recall_layout={d.recall_layout}), within the model's local reach of {describe(m)}: such queries "
+            f"are answered without memory. Set data.recall_min_distance >= {need} (and data.recall_doc_len to fit), "
+            f"or a smaller model.segment_len or model.depth")
 
 
 def _filler(rng: np.random.Generator, n: int) -> np.ndarray:

@@ -8,8 +8,9 @@ split, RUN/eval-<split>.json for others; plots in RUN/plots/):
 - loss (nats/token), perplexity, bits per byte (nll in bits / UTF-8 bytes of the target tokens), next-token
   accuracy, overall and by position of the TARGET token in its document (EvalConfig.position_buckets);
 - recall corpora: accuracy on scored value tokens (tags >= 0) overall, by distance (log2 buckets), and
-  beyond the local window ("far": distance >= 2 x segment_len, which neither the segment nor the XL
-  cache can reach), with the chance level from the data bundle;
+  beyond the model's local reach ("far": distance >= `memtrans.model.reach.far_distance`, i.e. more than
+  segment_len x (depth + 1) tokens with the XL cache, which no path through the segment, the cache and the
+  layers spans without memory), with the chance level from the data bundle;
 - memory diagnostics per memory layer: gate per head, share of output from memory, retrieval distances.
 
 Edge cases: documents shorter than one segment are evaluated as one partial segment; documents with
@@ -128,6 +129,7 @@ def evaluate(run_dir: str | Path, split: str = "test", overrides: list[str] | No
     from memtrans.data import DocumentStream, prepare_data
     from memtrans.model import MemorizingTransformer
     from memtrans.model.attention import DISTANCE_EDGES
+    from memtrans.model.reach import of_model as reach_of
     from memtrans.device import autocast_context, policy_of, resolve_config, resolve_device
 
     run_dir = Path(run_dir)
@@ -172,6 +174,7 @@ def evaluate(run_dir: str | Path, split: str = "test", overrides: list[str] | No
     token_bytes = torch.as_tensor(np.asarray(bundle.token_bytes), dtype=torch.float64)
     rec_edges = [0] + [2 ** i for i in range(25)]
     rec_correct, rec_tokens = np.zeros(len(rec_edges)), np.zeros(len(rec_edges))
+    reach = reach_of(cfg.model)
     far_correct = far_tokens = 0
     diag_share: dict[int, np.ndarray] = {}
     diag_queries: dict[int, float] = {}
@@ -199,7 +202,7 @@ def evaluate(run_dir: str | Path, split: str = "test", overrides: list[str] | No
                 rb = torch.bucketize(dist, torch.tensor(rec_edges), right=True) - 1
                 rec_correct += torch.bincount(rb, weights=c.double(), minlength=len(rec_edges)).numpy()[:len(rec_edges)]
                 rec_tokens += torch.bincount(rb, minlength=len(rec_edges)).numpy()[:len(rec_edges)]
-                far = dist >= 2 * T
+                far = dist >= reach["far_distance"]
                 far_correct += int(c[far].sum())
                 far_tokens += int(far.sum())
             for layer, d in (diag or {}).items():
@@ -228,7 +231,8 @@ def evaluate(run_dir: str | Path, split: str = "test", overrides: list[str] | No
                         "acc": rec_correct[i] / rec_tokens[i], "tokens": int(rec_tokens[i])}
                        for i in range(len(rec_edges)) if rec_tokens[i] > 0]
         recall = {"acc": rec_correct.sum() / rec_tokens.sum(), "chance": chance, "tokens": int(rec_tokens.sum()),
-                  "by_distance": by_distance, "far_min_distance": 2 * T,
+                  "by_distance": by_distance, "far_min_distance": reach["far_distance"],
+                  "local_reach": reach["reach"],
                   "far_acc": far_correct / far_tokens if far_tokens else None, "far_tokens": far_tokens}
     dist_edges = [int(e) for e in DISTANCE_EDGES]
     diagnostics = {"gates": {str(k): v for k, v in sorted(diag_gate.items())},
