@@ -1,6 +1,7 @@
 """Exact kNN: the reference engine (batched matmul + top-k) with a fused CPU fast path."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -18,8 +19,16 @@ class ExactMemory(MemoryBackend):
       summation order); with bf16 scores they round the queries to bf16 and sum the products in fp32.
     - reference (`fast=False`, `ExactMemory.use_fast = False`, env MEMTRANS_EXACT_PATH=reference, and the
       fallback whenever no kernel is available, e.g. on CUDA or without a compiler): chunked torch matmul
-      (operands in `score_dtype`, fp32 sums and scores) + torch.topk, the score block bounded by
-      `max_block_elements`.
+      (operands in `score_dtype`, fp32 sums and scores) + torch.topk, every slot and head in one batched
+      matmul per chunk of ring entries, chunks merged by a running top-k on the device (no host reads). The
+      fp32 score block is bounded by `max_block_elements` (None = by device: 2**25 on CPU; on CUDA 1/16 of
+      the GPU's memory, e.g. 8.8 GB on an H200, so B=8 x 8 heads x 512 queries over 65K entries is one chunk
+      and the paper's B=32 over 65K four). On CUDA the fp32 products are IEEE fp32 (TF32 off, whatever
+      torch's global setting; `cuda_fp32_precision = "tf32"` opts in), and bf16 operands (bf16 scores, or
+      bf16 queries over a bf16 ring, as under bf16 autocast) run as one bf16 matmul with fp32 output where
+      torch has it (`bmm(..., out_dtype=float32)`), else upcast: exact either way, since bf16 products are
+      exact in fp32. No fused matmul + top-k kernel on CUDA yet (the [B, H, T, chunk] scores are written
+      and read once).
     On CPUs with AVX-512 VNNI the fast path first runs an int8 prefilter (`prefilter="int8"`, the default;
     `"none"` or env MEMTRANS_EXACT_PREFILTER=none turns it off): the ring keeps int8 codes of its keys
     (`fast_topk.Int8Codes`, 80 bytes per entry and head next to the 256 of bf16 keys and values; re-encoded
@@ -34,7 +43,11 @@ class ExactMemory(MemoryBackend):
     """
 
     name = "exact"
-    max_block_elements = 1 << 25  # reference path: scores held at once, B*H*T*chunk (64 MiB in bf16)
+    max_block_elements: int | None = None  # reference path: fp32 scores held at once, B*H*T*chunk (None: by device)
+    cpu_block_elements = 1 << 25  # 128 MiB of fp32 scores
+    cuda_memory_fraction = 1 / 16  # of the GPU's total memory for the score block (fixed per GPU: same chunks every run)
+    cuda_fp32_precision = "ieee"  # fp32 operands on CUDA: "ieee" (exact) or "tf32" (10-bit mantissa products)
+    _bmm_out_dtype = None  # whether torch.bmm(bf16, bf16, out_dtype=float32) runs here (probed once per process)
     use_fast = os.environ.get("MEMTRANS_EXACT_PATH", "fast") != "reference"  # class-wide default
     default_prefilter = os.environ.get("MEMTRANS_EXACT_PREFILTER", "int8")  # class-wide default
     reprobe_every = 16  # searches after which a (slot, head) that fell back tries the prefilter again
@@ -74,6 +87,10 @@ class ExactMemory(MemoryBackend):
                                                       " (no VNNI or head_dim % 4 != 0)")
         return "fused", f"{fast_topk.isa()} kernel{why}"
 
+    @property
+    def host_path(self) -> bool:
+        return self.fast and self.device.type == "cpu"  # the reference path is what CUDA runs: device ops only
+
     def _use_int8(self) -> bool:
         from memtrans.memory import fast_topk
         return self.prefilter == "int8" and self.head_dim % 4 == 0 and fast_topk.int8_available()
@@ -105,8 +122,9 @@ class ExactMemory(MemoryBackend):
         for b in range(idx.shape[0]):
             self._codes.update(self.keys, b, idx[b])
 
-    def _on_reset(self, slots: torch.Tensor) -> None:
-        self._int8_ok[slots] = 1  # a new document: its keys may be spread again
+    def _on_reset(self, slots: list[int]) -> None:
+        if self.host_path:  # host state of the CPU kernels
+            self._int8_ok[slots] = 1  # a new document: its keys may be spread again
 
     def load_state_dict(self, d: dict) -> None:
         super().load_state_dict(d)
@@ -115,24 +133,75 @@ class ExactMemory(MemoryBackend):
     def _index_nbytes(self) -> int:
         return 0 if self._codes is None else self._codes.nbytes
 
+    def block_elements(self) -> int:
+        """fp32 scores the reference path holds at once (see the class docstring)."""
+        if self.max_block_elements is not None:
+            return self.max_block_elements
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory  # host-side query, no sync
+            return max(self.cpu_block_elements, int(total * self.cuda_memory_fraction) // 4)
+        return self.cpu_block_elements
+
     def _topk_reference(self, queries: torch.Tensor, k: int, filled: int) -> tuple[torch.Tensor, torch.Tensor]:
         B, H, T, D = queries.shape
         # bf16 scores: bf16 operands summed in fp32, like the fused kernels. Rounding each score to bf16 instead
         # tied the crowded top scores of trained keys (recall@32 0.51-0.83), and ties broke by the matmul's shape,
         # which depends on how full the other slots are: a document's logits then depended on other documents.
-        q = queries.to(self.score_dtype).float()
-        valid = self._valid_entries(filled)  # [B, filled]
-        chunk = max(k, self.max_block_elements // max(1, B * H * T))
+        bf16_operands = self.score_dtype == torch.bfloat16 or (queries.dtype == torch.bfloat16 and self.dtype == torch.bfloat16)
+        q = queries.to(torch.bfloat16 if bf16_operands else self.score_dtype)
+        valid = self._valid_entries(filled)  # [B, filled] on the ring's device
+        chunk = max(k, self.block_elements() // max(1, B * H * T))
         best_s = best_i = None
-        for start in range(0, filled, chunk):
-            stop = min(filled, start + chunk)
-            keys = self.keys[:, :, start:stop].to(self.score_dtype).float()
-            s = torch.matmul(q, keys.transpose(-1, -2))  # [B, H, T, n] fp32
-            s.masked_fill_(~valid[:, None, None, start:stop], float("-inf"))
-            s, i = s.topk(min(k, stop - start), dim=-1)
-            i += start
-            if best_s is not None:
-                s, j = torch.cat([best_s, s], -1).topk(k, dim=-1)
-                i = torch.cat([best_i, i], -1).gather(-1, j)
-            best_s, best_i = s, i
+        with self._matmul_precision():
+            for start in range(0, filled, chunk):  # ceil(filled / chunk) launches of matmul + topk (+ merge)
+                stop = min(filled, start + chunk)
+                s = self._scores(q, self.keys[:, :, start:stop], bf16_operands)  # [B, H, T, n] fp32
+                s.masked_fill_(~valid[:, None, None, start:stop], float("-inf"))
+                s, i = s.topk(min(k, stop - start), dim=-1)
+                i += start
+                if best_s is not None:  # running top-k over the candidates so far
+                    s, j = torch.cat([best_s, s], -1).topk(k, dim=-1)
+                    i = torch.cat([best_i, i], -1).gather(-1, j)
+                best_s, best_i = s, i
         return best_s, best_i
+
+    def _scores(self, q: torch.Tensor, keys: torch.Tensor, bf16_operands: bool) -> torch.Tensor:
+        """q [B, H, T, D] . keys [B, H, n, D] -> fp32 [B, H, T, n]: fp32 sums of exact products."""
+        if bf16_operands and q.device.type == "cuda" and ExactMemory._bmm_out_dtype is not False:
+            B, H, T, D = q.shape
+            try:
+                s = torch.bmm(q.reshape(B * H, T, D), keys.to(torch.bfloat16).reshape(B * H, -1, D).transpose(1, 2),
+                              out_dtype=torch.float32)
+                ExactMemory._bmm_out_dtype = True
+                return s.view(B, H, T, -1)
+            except (RuntimeError, TypeError):  # an older torch: no bf16 -> fp32 bmm
+                ExactMemory._bmm_out_dtype = False
+        if bf16_operands:  # TF32 is exact for bf16 values (8-bit significands), so CUDA may use it here
+            with _cuda_fp32_precision("tf32") if q.device.type == "cuda" else contextlib.nullcontext():
+                return torch.matmul(q.float(), keys.to(torch.bfloat16).float().transpose(-1, -2))
+        return torch.matmul(q.float(), keys.to(self.score_dtype).float().transpose(-1, -2))
+
+    def _matmul_precision(self):
+        """IEEE fp32 matmuls on CUDA for the fp32 scores (torch's TF32 setting is global; this restores it)."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return _cuda_fp32_precision(self.cuda_fp32_precision)
+
+
+@contextlib.contextmanager
+def _cuda_fp32_precision(value: str):
+    m = torch.backends.cuda.matmul
+    if hasattr(m, "fp32_precision"):
+        old = m.fp32_precision
+        m.fp32_precision = value
+        try:
+            yield
+        finally:
+            m.fp32_precision = old
+    else:  # torch < 2.9
+        old = m.allow_tf32
+        m.allow_tf32 = value == "tf32"
+        try:
+            yield
+        finally:
+            m.allow_tf32 = old

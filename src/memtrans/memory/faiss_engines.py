@@ -92,7 +92,7 @@ class FaissIVFMemory(FaissFlatMemory):
                 index.add_with_ids(_np(self.keys[b, h, idx[b].to(self.device)]), ids)
 
     def _on_reset(self, slots):
-        for b in slots.tolist():
+        for b in slots:
             self.indexes[b] = [None] * self.heads
 
     def _topk(self, queries, k, filled):

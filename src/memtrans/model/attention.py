@@ -115,17 +115,19 @@ class Attention(nn.Module):
             q_scaled = q / math.sqrt(self.head_dim)
 
         # Local window: XL cache of the previous segment (if any) + this segment, causal, T5 bias.
+        # xl_valid None: every cached key is valid (the caller knows it on the host: no slot was reset since).
         if xl is not None:
             keys, values = torch.cat([xl[0].to(k.dtype), k], 2), torch.cat([xl[1].to(v.dtype), v], 2)
-            key_valid = torch.cat([xl_valid, xl_valid.new_ones(B, T)], 1)
+            key_valid = None if xl_valid is None else torch.cat([xl_valid, xl_valid.new_ones(B, T)], 1)
         else:
-            keys, values, key_valid = k, v, torch.ones(B, T, dtype=torch.bool, device=x.device)
+            keys, values, key_valid = k, v, None
         L = keys.shape[2]
         causal = torch.ones(T, L, dtype=torch.bool, device=x.device).tril(L - T)
         # Additive mask in q's dtype: T5 bias, -inf where not allowed. [1, H, T, L] while every key is valid
         # (almost every segment): a per-slot [B, H, T, L] copy costs as much as the attention itself on CPU.
+        # Whether a mask is needed is decided on the host (no bool() of a device tensor: no sync per layer).
         allowed = causal[None, None]  # [1, 1, T, L]
-        if not bool(key_valid.all()):
+        if key_valid is not None:
             allowed = allowed & key_valid[:, None, None, :]  # [B, 1, T, L]
         bias = self.rel_bias(T, L).to(q.dtype)[None].masked_fill(~allowed, float("-inf"))
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from memtrans.config import ModelConfig
 from memtrans.memory import MemoryBackend, make_memory
-from memtrans.memory.base import _as_index
+from memtrans.memory.base import device_mask, host_slots
 from memtrans.model.attention import Attention
 from memtrans.model.layers import FeedForward, RMSNorm
 
@@ -44,6 +44,9 @@ class ModelState:
     window: list | None = None
     window_valid: torch.Tensor | None = None
     pending_len: int = 0
+    # Host flag: some slot's XL cache may be invalid (a slot was reset since the last full segment), so the
+    # local attention masks it; otherwise the mask is skipped without reading xl_valid (no device sync).
+    xl_masked: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -104,19 +107,35 @@ class MemorizingTransformer(nn.Module):
                           memories={i: make_memory(self.cfg, batch_size, self.device) for i in self.cfg.memory_layers})
 
     def reset_state(self, state: ModelState, slots) -> ModelState:
-        """A new document starts in `slots` (indices or bool mask): clear their XL cache and memories."""
-        idx = _as_index(slots, state.batch_size).to(self.device)
-        if len(idx) and state.pending_len:
-            if len(set(idx.tolist())) < state.batch_size:
+        """A new document starts in `slots` (indices, or a bool mask [B]): clear their XL cache and memories.
+
+        Host slots (a list, a CPU tensor such as the stream's `batch.new_doc`) cost a few fills on the device
+        and no transfer; a mask on the device is applied as masked operations, never read on the host."""
+        B = state.batch_size
+        on_device = isinstance(slots, torch.Tensor) and not self._reads_on_host(slots.device)
+        host = None if on_device else host_slots(slots, B)
+        if host is None and state.pending_len:  # decoding (extend) only: which slots matters on the host
+            host = host_slots(slots.cpu(), B)
+        if host is not None and not host:
+            return state  # no document starts (most steps)
+        if state.pending_len:
+            if len(host) < B:
                 raise ValueError(f"cannot reset some slots while a partial segment of {state.pending_len} tokens "
                                  f"is pending (model.extend); reset all slots or finish the segment first")
             state.window, state.window_valid, state.pending_len = None, None, 0  # every slot starts afresh
-        if len(idx):
+        if host is None:
+            mask = device_mask(slots, B, self.device)
             if state.xl_valid is not None:
-                state.xl_valid[idx] = False
-            state.positions[idx] = 0
-            for memory in state.memories.values():
-                memory.reset(idx.cpu())
+                state.xl_valid = state.xl_valid & ~mask[:, None]
+            state.positions = state.positions.masked_fill(mask, 0)
+        else:
+            for b in host:
+                if state.xl_valid is not None:
+                    state.xl_valid[b:b + 1].fill_(False)
+                state.positions[b:b + 1].zero_()
+        state.xl_masked = state.xl_valid is not None
+        for memory in state.memories.values():
+            memory.reset(slots if host is None else host)
         return state
 
     def load_state(self, d: dict, batch_size: int | None = None) -> ModelState:
@@ -130,6 +149,7 @@ class MemorizingTransformer(nn.Module):
         dev = self.device
         state.xl = [None if c is None else (c[0].to(dev), c[1].to(dev)) for c in d["xl"]]
         state.xl_valid = None if d["xl_valid"] is None else d["xl_valid"].to(dev)
+        state.xl_masked = d["xl_valid"] is not None and not bool(d["xl_valid"].all())  # read on the host, once
         state.positions = d["positions"].to(dev)
         for i, m in state.memories.items():
             m.load_state_dict(d["memories"][i])
@@ -158,17 +178,34 @@ class MemorizingTransformer(nn.Module):
             raise ValueError(f"the state holds a partial segment of {state.pending_len} tokens from model.extend; "
                              f"continue it with model.extend")
         xl = state.xl if self.cfg.xl_cache else [None] * self.cfg.depth
-        logits, new_xl = self._blocks(tokens, state, xl, state.xl_valid, diagnostics, write_memory=True)
+        xl_valid = state.xl_valid if state.xl_masked else None
+        logits, new_xl = self._blocks(tokens, state, xl, xl_valid, diagnostics, write_memory=True)
         state.xl = new_xl if self.cfg.xl_cache else [None] * self.cfg.depth
         state.xl_valid = torch.ones(B, T, dtype=torch.bool, device=tokens.device) if self.cfg.xl_cache else None
+        state.xl_masked = False
         state.positions = state.positions + T
         return logits, state
+
+    # Whether the model reads tensors on the host: token ids range-checked with a ValueError, reset masks turned
+    # into slot indices. None = for CPU tensors only. On other devices a read would synchronise every step, so
+    # there token ids get an asynchronous device assert (torch._assert_async: the run stops with a CUDA error
+    # naming model.vocab_size where torch can) and a reset mask is applied by masked device ops.
+    # False runs the device code on CPU too (tests/test_gpu_ready.py).
+    host_reads: bool | None = None
+
+    def _reads_on_host(self, device: torch.device) -> bool:
+        return device.type == "cpu" if self.host_reads is None else self.host_reads
 
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         """Token ids must be integers in [0, vocab_size) (else a ValueError, not an IndexError from the embedding)."""
         if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
             raise ValueError(f"tokens: expected integer token ids, got dtype {tokens.dtype}")
-        if tokens.numel():
+        if tokens.numel() and not self._reads_on_host(tokens.device):
+            if tokens.device.type != "meta":
+                ok = ((tokens >= 0) & (tokens < self.cfg.vocab_size)).all()
+                torch._assert_async(ok, f"tokens: ids must lie in [0, model.vocab_size={self.cfg.vocab_size}); "
+                                        f"encode text with the run's tokenizer (or set model.vocab_size to the tokenizer's)")
+        elif tokens.numel():
             lo, hi = (int(v) for v in torch.aminmax(tokens))
             if lo < 0 or hi >= self.cfg.vocab_size:
                 raise ValueError(f"tokens: ids must lie in [0, model.vocab_size={self.cfg.vocab_size}), got "
@@ -232,7 +269,8 @@ class MemorizingTransformer(nn.Module):
             xl = state.xl if self.cfg.xl_cache else [None] * depth
             state.window = list(xl)
             state.window_valid = state.xl_valid if self.cfg.xl_cache and any(c is not None for c in xl) else None
-        logits, kvs = self._blocks(tokens, state, state.window, state.window_valid, diagnostics, write_memory=False)
+        window_valid = state.window_valid if state.xl_masked else None
+        logits, kvs = self._blocks(tokens, state, state.window, window_valid, diagnostics, write_memory=False)
         state.window = [kv if w is None else (torch.cat([w[0], kv[0]], 2), torch.cat([w[1], kv[1]], 2))
                         for w, kv in zip(state.window, kvs)]
         ones = torch.ones(B, n, dtype=torch.bool, device=tokens.device)
@@ -246,6 +284,7 @@ class MemorizingTransformer(nn.Module):
                 memory.add(seg[i][0], seg[i][1], seg_positions)
             state.xl = seg if self.cfg.xl_cache else [None] * depth
             state.xl_valid = torch.ones(B, S, dtype=torch.bool, device=tokens.device) if self.cfg.xl_cache else None
+            state.xl_masked = False
             state.window, state.window_valid, state.pending_len = None, None, 0
         return logits
 
