@@ -56,7 +56,7 @@ def load_tokenizer(cfg):
 def read_prompt(path: str | Path, tokenizer, vocab_size: int) -> np.ndarray:
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"prompt file {p} does not exist")
+        raise ValueError(f"prompt file {p} {'is a directory' if p.is_dir() else 'does not exist'}")
     raw = p.read_bytes()
     if not raw:
         raise ValueError(f"prompt file {p} is empty: give the model some text to read")
