@@ -190,3 +190,85 @@ def test_factory_builds_each_backend(backend):
     mem.add(torch.randn(2, 2, 300, 16), torch.randn(2, 2, 300, 16))
     res = mem.search(torch.randn(2, 2, 4, 16), 8)
     assert res.valid.all() and len(mem) == 600
+
+
+# ---- the device path (what CUDA runs); benchmarks/gpu_check.sh runs these on CUDA ------------------------------
+import os  # noqa: E402
+
+DEVICES = [os.environ["MEMTRANS_TEST_DEVICE"]] if os.environ.get("MEMTRANS_TEST_DEVICE") else (
+    ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+
+
+def device_filled(device, dtype=torch.float32, capacity=256, T=40, seed=0, **kw):
+    """`filled` on `device` through the reference path, slot 1 reset by a mask on the device."""
+    g = torch.Generator().manual_seed(seed)
+    mem = ExactMemory(B, H, D, capacity, dtype=dtype, device=device, fast=False, **kw)
+    for step in range(10):
+        if step == 8:
+            mem.reset(torch.tensor([False, True], device=device))
+        start = step * T
+        mem.add(torch.randn(B, H, T, D, generator=g).to(device), torch.randn(B, H, T, D, generator=g).to(device),
+                torch.arange(start, start + T).expand(B, T).to(device))
+    assert mem.count.device.type == torch.device(device).type and mem.count.tolist() == [capacity, 2 * T]
+    return mem
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_reference_search_on_device_is_exact_fp32(device, chunk):
+    """fp32 scores of every filled entry, top-k by them; a running top-k over 16-entry chunks gives the same."""
+    mem = device_filled(device)
+    if chunk:
+        mem.max_block_elements = B * H * 6 * chunk
+    q = torch.randn(B, H, 6, D, generator=torch.Generator().manual_seed(1))
+    res = mem.search(q.to(device), 10)
+    assert res.scores.dtype == torch.float32 and res.scores.device.type == torch.device(device).type
+    for b, n in enumerate(mem.count.tolist()):
+        s = torch.einsum("htd,hnd->htn", q[b].double(), mem.keys[b, :, :n].cpu().double())
+        top = s.topk(10, -1)
+        assert torch.equal(res.indices[b].cpu(), top.indices)
+        torch.testing.assert_close(res.scores[b].cpu().double(), top.values, rtol=1e-5, atol=1e-5)
+        assert torch.equal(res.keys[b].cpu(), mem.keys[b].cpu()[torch.arange(H)[:, None, None], top.indices])
+    assert (res.positions[1] >= 8 * 40).all()  # slot 1 holds only what was written after its reset
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_operands_are_summed_in_fp32_on_device(device):
+    """A bf16 ring with bf16 queries (as under bf16 autocast): scores are fp32 sums of the exact bf16 products,
+    not bf16-rounded scores (which tie and reorder the top-k of crowded keys)."""
+    mem = device_filled(device, dtype=torch.bfloat16, score_dtype=torch.float32)
+    q = torch.randn(B, H, 6, D, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    res = mem.search(q.to(device), 10)
+    for b, n in enumerate(mem.count.tolist()):
+        s = torch.einsum("htd,hnd->htn", q[b].double(), mem.keys[b, :, :n].cpu().double())
+        top = s.topk(10, -1)
+        torch.testing.assert_close(res.scores[b].cpu().double(), top.values, rtol=1e-6, atol=1e-5)
+        assert torch.equal(res.indices[b].cpu(), top.indices)
+
+
+def test_block_budget_by_device():
+    mem = ExactMemory(B, H, D, 64, fast=False)
+    assert mem.block_elements() == ExactMemory.cpu_block_elements
+    mem.max_block_elements = 1000
+    assert mem.block_elements() == 1000
+    if torch.cuda.is_available():
+        gpu = ExactMemory(B, H, D, 64, device="cuda")
+        total = torch.cuda.get_device_properties(0).total_memory
+        assert gpu.block_elements() == max(ExactMemory.cpu_block_elements, int(total / 16) // 4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_faiss_engines_keep_their_ring_on_the_host(device):
+    """faiss engines are host engines: on a GPU model the ring stays in host memory (no per-search ring copy)
+    and results come back on the queries' device, equal to exact search."""
+    g = torch.Generator().manual_seed(3)
+    flat = FaissFlatMemory(B, H, D, 128, dtype=torch.float32, device=device)
+    exact = ExactMemory(B, H, D, 128, dtype=torch.float32, device=device, fast=False)
+    assert flat.keys.device.type == "cpu" and flat.model_device.type == torch.device(device).type
+    for _ in range(3):
+        k = torch.randn(B, H, 40, D, generator=g).to(device)
+        for mem in (flat, exact):
+            mem.add(k, k)
+    q = torch.randn(B, H, 5, D, generator=g).to(device)
+    a, b = flat.search(q, 8), exact.search(q, 8)
+    assert a.keys.device == q.device and torch.equal(a.indices, b.indices)

@@ -191,3 +191,38 @@ def test_diagnostics_are_filled_for_memory_layers():
     assert d["gate"].shape == (2,)
     assert d["distance_counts"].sum() == 2 * 2 * SEG * 4  # B * H * T * k valid retrievals
     assert d["distance_counts"][0] == 0  # nothing retrieved from the current position or later
+
+
+# ---- on every available device (benchmarks/gpu_check.sh runs these on CUDA) -------------------------------------
+import os  # noqa: E402
+
+DEVICES = [os.environ["MEMTRANS_TEST_DEVICE"]] if os.environ.get("MEMTRANS_TEST_DEVICE") else (
+    ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gate", ["learned_scalar", "joint_softmax"])
+def test_causality_and_isolation_on_device(device, gate):
+    """On `device`: no position leaks into earlier logits (through memory and XL), and a slot's logits do not
+    depend on another slot's document, with a reset in the other slot mid-stream."""
+    model = make(gate).to(device)
+    g = torch.Generator().manual_seed(5)
+    doc = torch.randint(0, 32, (2, 5 * SEG), generator=g)
+
+    def run(d):
+        state, out = model.init_state(2), []
+        for i, s in enumerate(range(0, d.shape[1], SEG)):
+            if i == 2:
+                model.reset_state(state, [1])
+            out.append(model(d[:, s:s + SEG].to(device), state)[0].cpu())
+        return torch.cat(out, 1)
+
+    base = run(doc)
+    t = SEG + 3
+    changed = doc.clone()
+    changed[0, t] = (changed[0, t] + 1) % 32
+    out = run(changed)
+    assert torch.equal(out[0, :t], base[0, :t]) and not torch.allclose(out[0, t:], base[0, t:])
+    other = doc.clone()
+    other[1] = torch.randint(0, 32, (5 * SEG,), generator=g)
+    torch.testing.assert_close(run(other)[0], base[0], rtol=1e-5, atol=1e-5)

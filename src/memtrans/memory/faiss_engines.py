@@ -7,13 +7,20 @@
   drops the slot's indexes, so each document trains its own (keys drift between documents and during
   training). After `load_state_dict` indexes are rebuilt from the ring, so resumed IVF results can differ
   from an uninterrupted run; the exact engines resume exactly.
+
+Both are host engines (faiss' CPU indexes). For a model on a GPU their ring stays in host memory, so a search
+copies only the queries to the host and the retrieved rows back (B*H*T*k*D each), never the ring (before:
+the whole ring of every (slot, head), ~8.6 GB per memory layer per step at the paper's scale); each search
+and each reset by a device mask still synchronises. On GPUs use `memory_backend: exact` (a device engine).
+faiss' GPU indexes (`faiss.StandardGpuResources`, in faiss-gpu builds) are not used yet: this project's
+faiss is the CPU build, so there was nothing to test them with.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from memtrans.memory.base import MemoryBackend
+from memtrans.memory.base import MemoryBackend, SearchResult
 
 try:
     import faiss
@@ -35,6 +42,18 @@ def _pack(scores: list, ids: list, shape: tuple, device) -> tuple[torch.Tensor, 
 class FaissFlatMemory(MemoryBackend):
     name = "faiss_flat"
     exact_scores = True  # faiss scores fp32 copies of the stored keys whatever score_dtype says (IVF too)
+    host_engine = True
+
+    def __init__(self, *args, device: torch.device | str = "cpu", **kwargs):
+        self.model_device = torch.device(device)  # where search results go; the ring stays on the host
+        super().__init__(*args, device="cpu", **kwargs)
+
+    def search(self, queries: torch.Tensor, k: int) -> SearchResult:
+        res = super().search(queries.to(self.device), k)
+        if queries.device != self.device:
+            res = SearchResult(*(t.to(queries.device) for t in (res.keys, res.values, res.scores, res.valid,
+                                                                   res.positions, res.indices)))
+        return res
 
     def _topk(self, queries, k, filled):
         B, H, T, _ = queries.shape
@@ -83,13 +102,13 @@ class FaissIVFMemory(FaissFlatMemory):
         for b in range(self.batch_size):
             if self.indexes[b][0] is None:
                 continue
-            ids = idx[b].numpy().astype(np.int64)
+            ids = idx[b].cpu().numpy().astype(np.int64)
             overwritten = ids[ids < int(self.count[b])]
             for h in range(self.heads):
                 index = self.indexes[b][h]
                 if len(overwritten):
                     index.remove_ids(overwritten)
-                index.add_with_ids(_np(self.keys[b, h, idx[b].to(self.device)]), ids)
+                index.add_with_ids(_np(self.keys[b, h, idx[b]]), ids)
 
     def _on_reset(self, slots):
         for b in slots:
