@@ -38,17 +38,34 @@ def test_real_plan_has_the_five_studies():
     assert set(plan.presets) == {"ci", "demo", "small", "recall", "paper", "gpu"}
 
 
-@pytest.mark.parametrize("preset", ["ci", "demo", "small", "paper", "gpu"])
-def test_every_preset_resolves_every_variant_distinctly(preset):
+SHIPPED_PRESETS = ["ci", "demo", "small", "recall", "paper", "gpu"]
+
+
+@pytest.mark.parametrize("preset", SHIPPED_PRESETS)
+def test_every_preset_resolves_every_variant_distinctly_or_declares_it_identical(preset):
+    """No shipped preset silently reduces a study to copies: every variant's runs differ from the baseline's and
+    every other variant's, except those the preset lists in expect_identical, which are marked identical."""
     plan = load_plan(PLAN)
-    r = resolve(plan, preset, seeds=[0])
+    assert set(plan.presets) == set(SHIPPED_PRESETS)
+    r = resolve(plan, preset, seeds=[0, 1])
     by_study = {s.name: vs for s, vs in r.studies}
     assert list(by_study) == list(EXPECTED)
     for name, vs in by_study.items():
         assert vs[0].baseline and vs[0].name == "baseline"
         assert len(vs) == 1 + max(1, len(EXPECTED[name][1]))
-    # 1 baseline + 1 + 3 + 4 + 1 + 4 variants, none collapsing into another at this preset's depth/scale
-    assert len(r.runs) == 14
+    expected_same = set(plan.presets[preset].expect_identical)
+    seen: dict[tuple, str] = {}
+    for study, vs in r.studies:
+        for v in vs:
+            label = "baseline" if v.baseline else f"{study.name}: {v.name}"
+            if label in expected_same:
+                assert tuple(v.runs) in seen and v.identical_to == seen[tuple(v.runs)], label
+                assert v.identity() == f"identical to {seen[tuple(v.runs)]} at depth {v.depth}"
+            elif not v.baseline:
+                assert v.identical_to is None and tuple(v.runs) not in seen, (label, v.identical_to)
+            seen.setdefault(tuple(v.runs), label)
+    # 1 baseline + 1 + 3 + 4 + 1 + 4 variants, none collapsing into another except the declared ones
+    assert len(r.runs) == 2 * (14 - len(expected_same))
     sizes = {v.name: (v.memory_size_nominal, v.memory_size) for v in by_study["Memory Size"]}
     scale = plan.presets[preset].memory_size_scale
     for name, nominal in [("baseline", 65536), ("8K", 8192), ("32K", 32768), ("131K", 131072), ("262K", 262144)]:
@@ -56,9 +73,31 @@ def test_every_preset_resolves_every_variant_distinctly(preset):
     layers = {v.name: v.memory_layers for v in by_study["Layer Position"]}
     depth = r.base_config["model"]["depth"]
     assert layers["top layer"] == [depth - 1]
-    assert len(layers["multiple layers"]) == 2
-    assert len({tuple(x) for x in layers.values()}) == 5
     assert by_study["Memory Ablation"][1].memory_layers == []
+    if preset != "recall":
+        assert not expected_same and len(layers["multiple layers"]) == 2
+        assert len({tuple(x) for x in layers.values()}) == 5
+    else:  # depth 2, memory in the bottom layer: bottom = middle = the baseline's layer 0
+        assert expected_same == {"Layer Position: bottom layer", "Layer Position: middle layer"}
+        assert layers == {"baseline": [0], "bottom layer": [0], "middle layer": [0], "top layer": [1],
+                          "multiple layers": [0, 1]}
+
+
+def test_a_preset_cannot_silently_reduce_a_study_to_copies(tmp_path):
+    plan = load_plan(PLAN)
+    with pytest.raises(PlanError) as e:  # ci at depth 2: the layer words collapse
+        resolve(plan, "ci", extra_overrides={"model.depth": 2})
+    msg = str(e.value)
+    assert msg.startswith(f"{PLAN}: presets.ci: the study would compare runs with themselves"), msg
+    assert "Layer Position: middle layer is identical to Layer Position: bottom layer at depth 2" in msg
+    assert "Layer Position: top layer is identical to baseline at depth 2" in msg and "presets.ci.expect_identical" in msg
+    # a listed variant that is not identical is an error too (the list stays true)
+    path = _write(tmp_path, _set(["presets", "demo", "expect_identical"], ["Layer Position: top layer"]))
+    with pytest.raises(PlanError, match=r"presets.demo.expect_identical: Layer Position: top layer differ from every"):
+        resolve(load_plan(path), "demo")
+    path = _write(tmp_path, _set(["presets", "demo", "expect_identical"], ["Layer Position: attic"]))
+    with pytest.raises(PlanError, match=r"presets.demo.expect_identical\[0\]: no variant 'Layer Position: attic'"):
+        load_plan(path)
 
 
 def test_demo_preset_scale():
@@ -74,10 +113,16 @@ def test_identical_variants_share_one_run(tmp_path):
     raw["studies"][1]["replacements"].append({"name": "same as base", "overrides": {"model.gate": "learned_scalar"}})
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(PlanError, match="Gating Mechanism: same as base is identical to baseline at depth 4"):
+        resolve(load_plan(path), "ci", seeds=[0, 1])
+    raw["presets"]["ci"]["expect_identical"] = ["Gating Mechanism: same as base"]
+    path.write_text(yaml.safe_dump(raw))
     r = resolve(load_plan(path), "ci", seeds=[0, 1])
     assert len(r.runs) == 28
     shared = [spec for spec in r.runs.values() if len(spec.members) > 1]
     assert len(shared) == 2 and all(("Gating Mechanism", "same as base") in s.members for s in shared)
+    same = next(v for s, vs in r.studies for v in vs if v.name == "same as base")
+    assert same.identity() == "identical to baseline at depth 4"
 
 
 def _write(tmp_path, mutate) -> Path:

@@ -165,3 +165,28 @@ def test_paired_interval_uses_per_seed_differences():
     w = welch(describe([1.0, 2.0, 3.0]), describe([0.5, 1.6, 2.4]))
     assert not w.resolved and w.diff == pytest.approx(0.5)
     assert paired([(0, 1.0), (1, None)], [(0, 0.0), (1, 0.0)]) is None  # one usable pair only
+
+
+def test_identical_variants_are_reported_as_identical_never_compared(tmp_path):
+    """recall preset: bottom and middle layer are the baseline's runs (depth 2); no interval against themselves."""
+    resolved = resolve(load_plan(ROOT / "plans" / "memorizing_transformers.yaml"), "recall", seeds=[0, 1, 2])
+    record = {**resolved.record(), "command": "memtrans ablate ... --preset recall", "environment": {}}
+    (tmp_path / "plan.json").write_text(json.dumps(record))
+    for i, (h, spec) in enumerate(resolved.runs.items()):
+        _write_run(tmp_path, h, ppl=10.0 + i % 3, layers=spec.config["model"]["memory_layers"])
+    md = report.write_report(tmp_path).read_text()
+    section = md.split("## Layer Position", 1)[1]
+    for name in ("bottom layer", "middle layer"):
+        assert f"- **{name}**: identical to baseline at depth 2 (the same configuration, so the same runs)" in section
+        assert section.count(f"| {name} | identical to baseline at depth 2 | - |") == 2  # Welch and paired tables
+        assert f"- **{name}**: no resolved" not in section
+        rows = [ln for ln in section.splitlines() if ln.startswith(f"| {name} |")]
+        assert len(rows) == 4 and all("[-" not in ln for ln in rows[2:])  # quality, stability, then no intervals
+    assert "- **top layer**: " in section and "no resolved difference" in section.split("- **top layer**: ")[1]
+    assert "**Identical variants:** Layer Position: bottom layer is identical to baseline at depth 2" in md
+    # an older plan.json without identical_to: read from the run lists the same way
+    for s in record["studies"]:
+        for v in s["variants"]:
+            v.pop("identical_to"), v.pop("depth")
+    assert report.identities(record) == {("Layer Position", "bottom layer"): "identical to baseline at depth 2",
+                                         ("Layer Position", "middle layer"): "identical to baseline at depth 2"}

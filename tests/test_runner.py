@@ -70,7 +70,7 @@ def test_dry_run_lists_each_variant_once_and_shares_the_baseline(tmp_path, capsy
                     "Memory Size: 262K", "Key/Query Normalization: no qk-norm", "Layer Position: multiple layers"]:
         assert sum(variant in r for r in rows) == 2, variant
     assert "model.memory_size=32" in out and "memory sizes scaled by 1/256" in out
-    assert "28 runs (14 variants x 2 seed(s)" in out
+    assert "28 runs (14 distinct configurations x 2 seed(s)" in out
     assert len({r.split()[1] for r in rows}) == 28  # one config hash per run
     assert fake.calls == [] and not (tmp_path / "out").exists()
 
@@ -249,3 +249,12 @@ def test_preset_pretrain_overrides_reach_the_pretrain_only(tmp_path, monkeypatch
         assert cfg["data"]["recall_doc_len"] == 256 and cfg["train"]["init_from"] == str(pre)
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
     assert plan["preset"]["pretrain_overrides"]["data.recall_doc_len"] == 64
+
+
+def test_dry_run_shows_identical_variants_as_identical(tmp_path, capsys):
+    assert runner.main([PLAN, "--preset", "recall", "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "Layer Position: bottom layer is identical to baseline at depth 2" in out
+    assert "Layer Position: middle layer is identical to baseline at depth 2" in out
+    assert "36 runs (12 distinct configurations x 3 seed(s); the baseline is shared by all 5 studies; " \
+           "2 variant(s) identical to another)" in out

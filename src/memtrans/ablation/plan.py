@@ -36,7 +36,8 @@ METRICS = ("perplexity", "bits per byte", "accuracy", "far-position perplexity",
 PLAN_KEYS = ("name", "description", "source", "base", "metrics", "seeds", "studies", "presets")
 STUDY_KEYS = ("name", "ablated", "action", "overrides", "variant", "replacements", "metrics")
 REPLACEMENT_KEYS = ("name", "overrides")
-PRESET_KEYS = ("description", "overrides", "memory_size_scale", "seeds", "est_flops_per_s", "pretrain_overrides")
+PRESET_KEYS = ("description", "overrides", "memory_size_scale", "seeds", "est_flops_per_s", "pretrain_overrides",
+               "expect_identical")
 BASELINE = "baseline"
 DEFAULT_FLOPS_PER_S = 1e11  # dry-run time estimate only; a preset states its own
 TOPK_FLOP_EQUIV = 100  # top-k selection cost per retrieval score, in flop-equivalents
@@ -77,6 +78,10 @@ class Preset:
     # applied only to the no-memory pretrain of `ablate --pretrain-steps` (e.g. shorter documents, so the
     # pretrain learns a lookup locally that the memory variants then extend)
     pretrain_overrides: dict[str, Any] = field(default_factory=dict)
+    # "Study: variant" labels that resolve to the same configuration as the baseline or another variant at this
+    # preset (e.g. layer words at a small depth): reported as identical, never compared. Any other identical
+    # variant is an error, so a preset cannot silently reduce a study to copies.
+    expect_identical: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -171,6 +176,16 @@ class _Reader:
             return list(value)
         raise self.fail(where, f"expected a positive count or a non-empty list of integer seeds, got {value!r}")
 
+    def labels(self, value: Any, where: str, studies: list[Study]) -> list[str]:
+        """A list of "Study: variant" labels naming variants of the plan."""
+        known = [f"{s.name}: {v.name}" for s in studies for v in s.variants]
+        if not isinstance(value, list):
+            raise self.fail(where, f"expected a list of 'Study: variant' labels, got {value!r}")
+        for i, label in enumerate(value):
+            if label not in known:
+                raise self.fail(f"{where}[{i}]", f"no variant {label!r}; allowed: {', '.join(known)}")
+        return list(value)
+
     def metrics(self, value: Any, where: str) -> list[str]:
         if not isinstance(value, list) or not value:
             raise self.fail(where, f"expected a non-empty list; allowed: {', '.join(METRICS)}")
@@ -237,6 +252,7 @@ def load_plan(path: str | Path) -> Plan:
             seeds=r.seeds(p["seeds"], f"{where}.seeds") if "seeds" in p else None,
             est_flops_per_s=float(p.get("est_flops_per_s", DEFAULT_FLOPS_PER_S)),
             pretrain_overrides=r.overrides(p.get("pretrain_overrides"), f"{where}.pretrain_overrides"),
+            expect_identical=r.labels(p.get("expect_identical", []), f"{where}.expect_identical", plan.studies),
         )
     # Values: every variant on the plain base must build (a preset's own problems surface in resolve()).
     _build(plan.path, "base", _nest(plan.base))
@@ -317,6 +333,13 @@ class ResolvedVariant:
     memory_size: int
     memory_layers: list[int]
     baseline: bool = False
+    depth: int = 0
+    # "baseline" or "Study: variant" whose runs these are (the same resolved configuration); None if distinct
+    identical_to: str | None = None
+
+    def identity(self) -> str | None:
+        """'identical to baseline at depth 2', or None."""
+        return None if self.identical_to is None else f"identical to {self.identical_to} at depth {self.depth}"
 
 
 @dataclass
@@ -339,7 +362,8 @@ class ResolvedPlan:
                        "overrides": self.preset.overrides,
                        "memory_size_scale": str(self.preset.memory_size_scale),
                        "est_flops_per_s": self.preset.est_flops_per_s,
-                       "pretrain_overrides": self.preset.pretrain_overrides},
+                       "pretrain_overrides": self.preset.pretrain_overrides,
+                       "expect_identical": self.preset.expect_identical},
             "seeds": self.seeds,
             "extra_overrides": self.extra_overrides,
             "base_config": self.base_config,
@@ -410,14 +434,46 @@ def resolve(plan: Plan, preset_name: str, seeds: list[int] | None = None, only: 
         assert cfg is not None
         return ResolvedVariant(name=variant.name if variant else BASELINE, overrides=overrides, runs=hashes,
                                memory_size_nominal=nominal, memory_size=scaled,
-                               memory_layers=list(cfg.model.memory_layers), baseline=variant is None)
+                               memory_layers=list(cfg.model.memory_layers), baseline=variant is None,
+                               depth=cfg.model.depth)
 
     if not seeds:
         raise PlanError(plan.path, f"{where_preset}.seeds", "no seeds to run")
     baseline = expand("*", None)
     resolved = [(s, [baseline] + [expand(s.name, v) for v in s.variants]) for s in studies]
+    _mark_identical(plan, preset, resolved, extra)
     return ResolvedPlan(plan=plan, preset=preset, seeds=seeds, extra_overrides=extra, base_config=base,
                         studies=resolved, runs=runs)
+
+
+def _mark_identical(plan: Plan, preset: Preset, studies: list[tuple[Study, list[ResolvedVariant]]],
+                    extra: dict[str, Any]) -> None:
+    """Set `identical_to` on every variant whose runs (= resolved configurations, per seed) are the baseline's or
+    an earlier variant's; a PlanError unless the preset lists exactly those in `expect_identical`."""
+    owner: dict[tuple[str, ...], str] = {}
+    found: dict[str, ResolvedVariant] = {}
+    for study, variants in studies:
+        for v in variants:
+            label = BASELINE if v.baseline else f"{study.name}: {v.name}"
+            key = tuple(v.runs)
+            if key in owner and not v.baseline:
+                v.identical_to = owner[key]
+                found[label] = v
+            owner.setdefault(key, label)
+    where = f"presets.{preset.name}.expect_identical"
+    included = {f"{s.name}: {v.name}" for s, _ in studies for v in s.variants}
+    unexpected = [label for label in found if label not in preset.expect_identical]
+    if unexpected:
+        cause = (f" with the command-line overrides {', '.join(f'{k}={v}' for k, v in extra.items())}"
+                 if extra else "")
+        raise PlanError(plan.path, f"presets.{preset.name}", "the study would compare runs with themselves" + cause
+                        + ": " + "; ".join(f"{label} is {found[label].identity()}" for label in unexpected)
+                        + f". Give the preset a depth (or values) at which they differ, or list them under {where} "
+                          f"to report them as identical")
+    stale = [label for label in preset.expect_identical if label in included and label not in found]
+    if stale:
+        raise PlanError(plan.path, where, f"{', '.join(stale)} differ from every other variant at this preset; "
+                                          f"remove them from the list")
 
 
 def slug(text: str) -> str:

@@ -290,15 +290,32 @@ class VariantData:
     quality: dict[str, Stat | None] = field(default_factory=dict)
     stability: dict[str, Stat | None] = field(default_factory=dict)
     tokens_per_s: Stat | None = None
+    identical: str | None = None  # "identical to baseline at depth 2": the same runs as another variant
 
     @property
     def label(self) -> str:
         return "baseline" if self.info.get("baseline") else self.name
 
 
-def variant_data(info: dict, runs: dict[str, Run], bucket: str | None) -> VariantData:
+def identities(record: dict) -> dict[tuple[str, str], str]:
+    """(study, variant) -> "identical to <baseline | Study: variant> at depth N" for every variant whose runs are
+    the baseline's or an earlier variant's (the same resolved configuration). Read from the run lists, so a
+    plan.json written before the resolver recorded `identical_to` is read the same way."""
+    depth0 = (record.get("base_config") or {}).get("model", {}).get("depth")
+    owner: dict[tuple, str] = {}
+    out = {}
+    for study in record["studies"]:
+        for info in study["variants"]:
+            key = tuple(info["runs"])
+            if key in owner and not info.get("baseline"):
+                out[(study["name"], info["name"])] = f"identical to {owner[key]} at depth {info.get('depth') or depth0}"
+            owner.setdefault(key, "baseline" if info.get("baseline") else f"{study['name']}: {info['name']}")
+    return out
+
+
+def variant_data(info: dict, runs: dict[str, Run], bucket: str | None, identical: str | None = None) -> VariantData:
     rs = [runs[h] for h in info["runs"]]
-    v = VariantData(info["name"], info, rs)
+    v = VariantData(info["name"], info, rs, identical=identical)
     ok = [r for r in rs if r.ok]
     trained = [r for r in rs if r.trained]
     for key, _, get, _ in QUALITY:
@@ -320,6 +337,9 @@ def summary_lines(study: dict, variants: list[VariantData]) -> list[str]:
     headings = {k: h for k, h, *_ in QUALITY} | {k: h for k, h, _ in STABILITY}
     lines = []
     for v in variants[1:]:
+        if v.identical:
+            lines.append(f"- **{v.name}**: {v.identical} (the same configuration, so the same runs): not a comparison.")
+            continue
         parts = []
         for key in keys:
             vs = v.quality.get(key, v.stability.get(key))
@@ -419,8 +439,16 @@ def study_section(study: dict, variants: list[VariantData], bucket: str | None, 
     lines += _table(["variant", "runs", "loss spikes", "grad spikes", "clipped fraction", "diverged",
                      "final loss (mean ± std over seeds)"], rows) + [""]
     stab = "training stability" in study["metrics"]
+    ncols = len(QUALITY) + (2 if stab else 0)
+
+    def same(v: VariantData) -> list[str]:
+        return [v.name, v.identical] + ["-"] * (ncols - 1)
+
     rows = []
     for v in variants[1:]:
+        if v.identical:
+            rows.append(same(v))
+            continue
         row = [v.name] + [diff_cell(welch(v.quality[k], base.quality[k]), v.quality[k], base.quality[k])
                           for k, *_ in QUALITY]
         if stab:
@@ -434,6 +462,9 @@ def study_section(study: dict, variants: list[VariantData], bucket: str | None, 
     lines += _table(header, rows) + [""]
     rows = []
     for v in variants[1:]:
+        if v.identical:
+            rows.append(same(v))
+            continue
         row = [v.name]
         for key, _, get, _ in QUALITY:
             if v.quality[key] is None or base.quality[key] is None:
@@ -488,8 +519,14 @@ def write_report(out: str | Path, min_bucket_tokens: int = MIN_BUCKET_TOKENS) ->
         lines += [f"**Memory sizes are scaled by {preset['memory_size_scale']}** for this preset; variants keep "
                   f"the plan's nominal names (e.g. 8K).", ""]
     (out / "plots").mkdir(exist_ok=True)
+    same = identities(record)
+    if same:
+        lines += ["**Identical variants:** " + "; ".join(f"{s}: {v} is {text}" for (s, v), text in same.items())
+                  + ". They resolve to the same configuration, so their runs are the same runs: the tables show them "
+                    "as identical, never as a comparison.", ""]
     for study in record["studies"]:
-        variants = [variant_data(info, runs, bucket) for info in study["variants"]]
+        variants = [variant_data(info, runs, bucket, same.get((study["name"], info["name"])))
+                    for info in study["variants"]]
         made = plots.study_plots(study, variants, out / "plots", preset["memory_size_scale"])
         lines += study_section(study, variants, bucket, {t: p.relative_to(out).as_posix() for t, p in made.items()})
     lines += reproduction(record)

@@ -511,8 +511,15 @@ def dry_run_text(resolved: ResolvedPlan, out: Path) -> str:
         lines.append(f"{i:>3}  {h:<12}  {spec.seed:>4}  {who:<48}  {ov:<40}  {est['tokens']:>12,}  "
                      f"{format_seconds(est['seconds']):>8}" + ("  (finished, skip)" if finished else ""))
     n_variants = len({(s, v) for spec in resolved.runs.values() for s, v in spec.members[:1]})
-    lines += ["", f"{len(resolved.runs)} runs ({n_variants} variants x {len(resolved.seeds)} seed(s); the baseline "
-                  f"is shared by all {len(resolved.studies)} studies), {total_tokens:,} tokens, roughly "
+    identical = [(s.name, v) for s, vs in resolved.studies for v in vs if v.identical_to]
+    if identical:
+        lines += ["", "identical variants (the same configuration, so the same runs; reported as identical, never "
+                      "compared):"]
+        lines += [f"  {study}: {v.name} is {v.identity()}" for study, v in identical]
+    lines += ["", f"{len(resolved.runs)} runs ({n_variants} distinct configurations x {len(resolved.seeds)} seed(s); "
+                  f"the baseline is shared by all {len(resolved.studies)} studies"
+                  + (f"; {len(identical)} variant(s) identical to another" if identical else "")
+                  + f"), {total_tokens:,} tokens, roughly "
                   f"{format_seconds(total_s)} run one at a time (estimate at {preset.est_flops_per_s:.2g} flop/s)"
                   + (f"; {done} already finished" if done else "")]
     return "\n".join(lines)
