@@ -258,3 +258,29 @@ def test_dry_run_shows_identical_variants_as_identical(tmp_path, capsys):
     assert "Layer Position: middle layer is identical to baseline at depth 2" in out
     assert "36 runs (12 distinct configurations x 3 seed(s); the baseline is shared by all 5 studies; " \
            "2 variant(s) identical to another)" in out
+
+
+def test_one_pretrain_per_seed_and_each_seeds_variants_start_from_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = [PLAN, "--preset", "recall", "--out", str(tmp_path / "out"), "--no-progress", "--only", "Memory Ablation",
+            "--seeds", "2", "--pretrain-steps", "3"]
+    assert runner.main(args + ["--dry-run"], run_fn=FakeRun()) == 0
+    out = capsys.readouterr().out
+    # recall pretrain: 3 steps x 16 documents x 32 tokens = 1,536 tokens per seed
+    assert "pretrains: 2 (one per seed 0, 1 and distinct non-memory configuration), 3 steps each, 3,072 tokens" in out
+    assert out.count("pretrain: seed ") == 2
+    fake = FakeRun()
+    assert runner.main(args, run_fn=fake) == 0
+    pretrains = [d for d in fake.calls if d.parent == Path("runs") / "pretrain"]
+    seed_of = {str(d): yaml.safe_load((d / "config.yaml").read_text())["train"]["seed"] for d in pretrains}
+    assert sorted(seed_of.values()) == [0, 1]
+    runs = [d for d in fake.calls if d not in pretrains]
+    assert len(runs) == 4  # (baseline, no memory) x 2 seeds
+    for run in runs:
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        assert seed_of[cfg["train"]["init_from"]] == cfg["train"]["seed"]
+    record = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert sorted(p["seed"] for p in record["pretrains"].values()) == [0, 1]
+    report_md = (tmp_path / "out" / "REPORT.md").read_text()
+    assert "2 no-memory models pretrained for 3 steps each (3,072 tokens in all" in report_md
+    assert "each seed's variants fine-tune from that seed's pretrain, and the paired tables pair by seed" in report_md

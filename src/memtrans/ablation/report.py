@@ -535,6 +535,22 @@ def write_report(out: str | Path, min_bucket_tokens: int = MIN_BUCKET_TOKENS) ->
     return out / "REPORT.md"
 
 
+def pretrain_text(record: dict) -> str:
+    """How the fine-tuning recipe's starting points were made (plan.json's `pretrains`, written since each seed
+    has its own; an older record had one pretrain, seed 0's, shared by every seed)."""
+    steps = record["pretrain_steps"]
+    pre = record.get("pretrains")
+    if not pre:
+        return (f"a no-memory model pretrained for {steps} steps (`runs/pretrain/<hash>`, one per distinct non-memory "
+                f"config, with seed 0's weights shared by every seed: intervals over seeds leave out the variance of "
+                f"the starting point)")
+    seeds = sorted({p["seed"] for p in pre.values()})
+    tokens = sum(p["tokens"] for p in pre.values())
+    return (f"{len(pre)} no-memory models pretrained for {steps} steps each ({tokens:,} tokens in all; "
+            f"`runs/pretrain/<hash>`), one per seed ({', '.join(map(str, seeds))}) and distinct non-memory config: "
+            f"each seed's variants fine-tune from that seed's pretrain, and the paired tables pair by seed")
+
+
 def reproduction(record: dict) -> list[str]:
     preset, env = record["preset"], record.get("environment") or {}
     sizes = sorted({(v["memory_size_nominal"], v["memory_size"]) for s in record["studies"] for v in s["variants"]})
@@ -549,9 +565,8 @@ def reproduction(record: dict) -> list[str]:
              f"- Seeds: {', '.join(map(str, record['seeds']))}",
              f"- Budget per run: {record.get('budget_minutes') or '-'} minutes, {record.get('budget_tokens') or '-'} "
              f"tokens; init from: "
-             + (f"a no-memory model pretrained for {record['pretrain_steps']} steps (`runs/pretrain/<hash>`, one per "
-                f"distinct non-memory config; the fine-tuning recipe), every variant fine-tuned from it"
-                if record.get("pretrain_steps") else record.get("init_from") or "none (trained from scratch)"),
+             + (pretrain_text(record) if record.get("pretrain_steps")
+                else record.get("init_from") or "none (trained from scratch)"),
              "- Other command-line overrides: " + (", ".join(f"`{k}={json.dumps(v)}`" for k, v in
                                                              record.get("extra_overrides", {}).items()) or "none"),
              f"- Executor: {record.get('executor', '?')} (jobs {record.get('jobs', '?')})",

@@ -456,9 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", metavar="RUN_OR_CKPT",
                    help="fine-tune every variant from this run dir or checkpoint (train.init_from)")
     p.add_argument("--pretrain-steps", type=int, metavar="N",
-                   help="the paper's fine-tuning recipe in one command: train a no-memory model for N steps "
-                        "(runs/pretrain/<hash>, reused when finished) and fine-tune every variant from it; "
-                        "variants that change more than the memory (e.g. qk_norm) get a pretrain of their own")
+                   help="the paper's fine-tuning recipe in one command: per seed, train a no-memory model for N "
+                        "steps (runs/pretrain/<hash>, reused when finished) and fine-tune that seed's variants from "
+                        "it; variants that change more than the memory (e.g. qk_norm) get a pretrain of their own")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for every run, e.g. data.corpus=jsonl:/data/pg19.jsonl")
     p.add_argument("--no-progress", action="store_true", help="no progress output")
@@ -532,14 +532,26 @@ MEMORY_FIELDS = ("memory_layers", "memory_size", "knn_k", "gate", "fixed_gate", 
 
 
 def pretrain_config(resolved: ResolvedPlan, run_config: dict, steps: int) -> Config:
-    """The starting point of one run under the fine-tuning recipe: its config without memory, plus the
-    preset's pretrain_overrides."""
+    """The starting point of one run under the fine-tuning recipe: its config without memory, with the run's own
+    seed (one pretrain per seed, so intervals over seeds include the starting point's variance and the paired
+    analysis pairs a variant with the baseline fine-tuned from the same weights), plus the preset's
+    pretrain_overrides."""
     base_model = config_from_dict(resolved.base_config).model
     model = {f: getattr(base_model, f) for f in MEMORY_FIELDS} | {"memory_layers": []}
     data = apply_overrides(run_config, {**{f"model.{k}": v for k, v in model.items()}, "train.steps": steps,
-                                        "train.seed": resolved.seeds[0], "train.init_from": None,
+                                        "train.seed": int(run_config["train"]["seed"]), "train.init_from": None,
                                         **resolved.preset.pretrain_overrides})
     return resolve_config(config_from_dict(data))
+
+
+def pretrain_cost_text(pretrains: dict[str, Config], flops_per_s: float) -> str:
+    """One line for --dry-run: how many pretrains, their steps, tokens and estimated time."""
+    costs = [estimate_cost(c.to_dict(), flops_per_s) for c in pretrains.values()]
+    seeds = sorted({c.train.seed for c in pretrains.values()})
+    steps = sorted({c.train.steps for c in pretrains.values()})
+    return (f"pretrains: {len(pretrains)} (one per seed {', '.join(map(str, seeds))} and distinct non-memory "
+            f"configuration), {'/'.join(map(str, steps))} steps each, {sum(c['tokens'] for c in costs):,} tokens, "
+            f"roughly {format_seconds(sum(c['seconds'] for c in costs))} (estimate at {flops_per_s:.2g} flop/s)")
 
 
 def with_init_from(resolved: ResolvedPlan, init_of: dict[str, str]) -> ResolvedPlan:
@@ -638,16 +650,22 @@ def _main(args: argparse.Namespace, argv: list[str] | None, run_fn: RunFn | None
     note = None if args.dry_run or base.train.device not in ("cpu", "auto") else kernel_note(base)
     if note:
         print(f"memtrans ablate: note: {note}", flush=True)
+    pretrains: dict[str, dict] = {}
     if args.pretrain_steps:
         starts = {h: pretrain_config(resolved, spec.config, args.pretrain_steps) for h, spec in resolved.runs.items()}
+        distinct = {cfg.hash(): cfg for cfg in starts.values()}
+        if args.dry_run:
+            print(pretrain_cost_text(distinct, resolved.preset.est_flops_per_s))
         dirs: dict[str, str] = {}
-        for cfg in starts.values():
-            if cfg.hash() not in dirs:
-                if args.dry_run:
-                    dirs[cfg.hash()] = str(Path("runs") / "pretrain" / cfg.hash())
-                    print(f"pretrain: {args.pretrain_steps} steps without memory -> {dirs[cfg.hash()]}")
-                else:
-                    dirs[cfg.hash()] = str(pretrain(cfg, run_fn))
+        for h, cfg in distinct.items():
+            if args.dry_run:
+                dirs[h] = str(Path("runs") / "pretrain" / h)
+                print(f"pretrain: seed {cfg.train.seed}, {args.pretrain_steps} steps without memory -> {dirs[h]}")
+            else:
+                dirs[h] = str(pretrain(cfg, run_fn))
+            est = estimate_cost(cfg.to_dict(), resolved.preset.est_flops_per_s)
+            pretrains[dirs[h]] = {"seed": cfg.train.seed, "steps": cfg.train.steps, "tokens": est["tokens"],
+                                  "qk_norm": cfg.model.qk_norm}
         resolved = with_init_from(resolved, {h: dirs[cfg.hash()] for h, cfg in starts.items()})
     if args.dry_run:
         print(dry_run_text(resolved, out))
@@ -660,7 +678,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None, run_fn: RunFn | None
             "cwd": os.getcwd(), "executor": args.executor, "jobs": args.jobs,
             "budget_minutes": args.budget_minutes, "budget_tokens": args.budget_tokens,
             "init_from": resolved.extra_overrides.get("train.init_from"), "only": args.only,
-            "pretrain_steps": args.pretrain_steps}
+            "pretrain_steps": args.pretrain_steps, "pretrains": pretrains or None}
     statuses = execute(resolved, out, executor, meta, progress=not args.no_progress)
     failed = sorted(h for h, s in statuses.items() if s == "failed")
     if not args.no_report:
