@@ -112,3 +112,23 @@ def test_undecodable_text_is_replaced_and_counted(tmp_path):
     train(cfg, run, quiet=True)
     r = evaluate(run, "test", quiet=True, plots=False)
     assert r["data"]["decode_errors"] > 0 and r["tokens"] > 0 and r["recall"] is None
+
+
+def test_eval_copies_only_per_token_results_to_the_host(run):
+    """Loss and accuracy are computed where the logits are; no [B, T, vocab] tensor is copied to the host."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    copies = []
+
+    class Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            t = args[0] if args else None
+            if (func in (torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.tolist, torch.Tensor.to)
+                    and isinstance(t, torch.Tensor) and t.ndim >= 2 and t.shape[-1] == 256):
+                copies.append((func.__name__, tuple(t.shape)))
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        r = evaluate(run, "test", quiet=True, plots=False)
+    assert r["tokens"] > 0 and copies == []

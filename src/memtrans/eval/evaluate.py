@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from memtrans.config import Config, load_config
 from memtrans.utils import atomic_write_json
@@ -187,12 +188,13 @@ def evaluate(run_dir: str | Path, split: str = "test", overrides: list[str] | No
             diag: dict = {} if model.cfg.has_memory else None
             with amp:
                 logits, state = model(batch.tokens.to(device), state, diagnostics=diag)
-            logits = logits.float().cpu()
+            # loss and accuracy on the device; only the per-token results [B, T] come to the host
+            targets = batch.targets.to(device)
+            nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+            nll = nll.view(targets.shape).double().cpu()
+            correct = (logits.argmax(-1) == targets).cpu()
             mask = batch.loss_mask
-            logp = torch.log_softmax(logits, -1)
-            nll = -logp.gather(-1, batch.targets[..., None]).squeeze(-1)
-            correct = logits.argmax(-1) == batch.targets
-            pos = batch.positions[:, None] + torch.arange(logits.shape[1])[None, :] + 1  # target positions
+            pos = batch.positions[:, None] + torch.arange(targets.shape[1])[None, :] + 1  # target positions
             bucket = torch.bucketize(pos, edges_t, right=True)
             acc.add(bucket[mask], nll[mask], token_bytes[batch.targets[mask]], correct[mask])
             scored = mask & (batch.tags >= 0)
