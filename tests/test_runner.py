@@ -284,3 +284,93 @@ def test_one_pretrain_per_seed_and_each_seeds_variants_start_from_it(tmp_path, m
     report_md = (tmp_path / "out" / "REPORT.md").read_text()
     assert "2 no-memory models pretrained for 3 steps each (3,072 tokens in all" in report_md
     assert "each seed's variants fine-tune from that seed's pretrain, and the paired tables pair by seed" in report_md
+
+
+class GpuFakeRun(FakeRun):
+    """A FakeRun that takes the executor's env (CUDA_VISIBLE_DEVICES) and records which runs overlapped."""
+
+    def __init__(self):
+        super().__init__()
+        import threading
+        self.lock = threading.Lock()
+        self.running: dict[str, str] = {}
+        self.envs: list[dict | None] = []
+        self.overlaps: list[dict[str, str]] = []
+
+    def __call__(self, run_dir, commands, env=None):
+        import time
+        with self.lock:
+            self.envs.append(env)
+            if env:
+                self.running[str(run_dir)] = env["CUDA_VISIBLE_DEVICES"]
+                self.overlaps.append(dict(self.running))
+        time.sleep(0.3)
+        with self.lock:
+            self.running.pop(str(run_dir), None)
+        return super().__call__(run_dir, commands)
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """This CPU machine pretends to have 3 CUDA devices (bf16 assumed, so no device query is made)."""
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setenv("MEMTRANS_BF16", "1")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
+def test_jobs_pin_each_cuda_run_to_one_gpu_the_least_busy(tmp_path, fake_gpus, monkeypatch):
+    fake = GpuFakeRun()
+    assert ablate(tmp_path, fake, "--only", "Gating Mechanism", "--jobs", "3", "--set", "train.device=cuda") == 0
+    assert len(fake.envs) == 4 and all(set(e) == {"CUDA_VISIBLE_DEVICES"} for e in fake.envs)
+    assert {e["CUDA_VISIBLE_DEVICES"] for e in fake.envs} == {"0", "1", "2"}
+    for running in fake.overlaps:  # runs that ran at the same time never shared a GPU (3 jobs, 3 GPUs)
+        assert len(set(running.values())) == len(running)
+    assert max(len(r) for r in fake.overlaps) >= 2
+    assert json.loads((tmp_path / "out" / "plan.json").read_text())["gpus"] == ["0", "1", "2"]
+    # the parent's own CUDA_VISIBLE_DEVICES is what is handed out; cuda:N runs and CPU runs are not pinned
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,6,7")
+    assert runner.visible_gpus() == ["5", "6", "7"]
+    fake = GpuFakeRun()
+    assert ablate(tmp_path, fake, "--only", "Memory Ablation", "--jobs", "2", "--set", "train.device=cuda:1") == 0
+    assert fake.envs == [None, None]
+    fake = GpuFakeRun()
+    assert ablate(tmp_path, fake, "--only", "Memory Ablation", "--jobs", "2") == 0  # ci: train.device cpu
+    assert fake.envs == [None, None]
+
+
+def test_gpu_pool_spreads_more_jobs_than_gpus_evenly():
+    pool = runner.GpuPool(["0", "1"])
+    got = [pool.acquire() for _ in range(5)]
+    assert got == [0, 1, 0, 1, 0] and pool.busy == [3, 2]
+    pool.release(0)
+    pool.release(0)
+    assert pool.acquire() == 0 and pool.busy == [2, 2]
+
+
+def test_ray_executor_requests_gpus_when_runs_use_cuda(tmp_path, fake_gpus, monkeypatch):
+    """A stand-in `ray` module records what the executor asks Ray for."""
+    import types
+    asked = []
+
+    class Ref:
+        def __init__(self, value):
+            self.value = value
+
+    fake_ray = types.SimpleNamespace(
+        is_initialized=lambda: True, cluster_resources=lambda: {"CPU": 8.0, "GPU": 2.0},
+        remote=lambda **kw: asked.append(kw) or (lambda fn: types.SimpleNamespace(remote=lambda *a: Ref(fn(*a)))),
+        wait=lambda refs, num_returns, timeout: (refs, []), get=lambda ref: ref.value, cancel=lambda ref, force: None)
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+    fake = FakeRun()
+    assert ablate(tmp_path, fake, "--only", "Memory Ablation", "--executor", "ray", "--set", "train.device=auto") == 0
+    assert asked == [{"num_cpus": 1, "num_gpus": 1, "max_retries": 0}] and len(fake.calls) == 2
+    asked.clear()
+    assert ablate(tmp_path, FakeRun(), "--only", "Memory Ablation", "--executor", "ray") == 0  # ci: device cpu
+    assert asked == [{"num_cpus": 1, "num_gpus": 0, "max_retries": 0}]
+    asked.clear()
+    fake_ray.cluster_resources = lambda: {"CPU": 8.0}
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(ValueError, match="the Ray cluster reports no GPU"):
+        ablate(tmp_path, FakeRun(), "--only", "Memory Ablation", "--executor", "ray", "--set", "train.device=cuda")

@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,15 +79,19 @@ def forward_signal(signum: int, first: bool) -> None:
             pass
 
 
-def run_subprocess(run_dir: Path, commands: list[list[str]], threads: int | None = None) -> RunOutcome:
+def run_subprocess(run_dir: Path, commands: list[list[str]], threads: int | None = None,
+                   env: dict[str, str] | None = None) -> RunOutcome:
     """Default run function: the commands one after another; output appended to RUN/stdout.log, stderr.log.
+    `env` adds to the environment (e.g. CUDA_VISIBLE_DEVICES from the GPU schedule).
 
     Each child runs in its own session (a terminal's Ctrl-C reaches it once, through forward_signal); after
     a stop no further command starts."""
     run_dir = Path(run_dir)
+    extra_env = env or {}
     env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env.update(extra_env)
     env["PYTHONWARNINGS"] = ",".join(w for w in (env.get("PYTHONWARNINGS"), CHILD_WARNING_FILTER) if w)
     for cmd in commands:
         if STOPPED:
@@ -181,19 +186,79 @@ def _crash(e: BaseException) -> RunOutcome:
     return RunOutcome(1, f"{type(e).__name__}: {e}", "run function")
 
 
-class LocalExecutor:
-    """Runs on this machine, `jobs` runs at a time (threads that each wait on a subprocess)."""
+def uses_cuda(device: str, cuda_here: bool | None = None) -> bool:
+    """Whether a run whose train.device is `device` computes on a GPU (auto: when this machine has CUDA)."""
+    if device == "auto":
+        return torch_cuda_available() if cuda_here is None else cuda_here
+    return device.startswith("cuda")
 
-    def __init__(self, jobs: int = 1, run_fn: RunFn | None = None):
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may hand out, as CUDA_VISIBLE_DEVICES entries: those the parent's own
+    CUDA_VISIBLE_DEVICES lists (ids or UUIDs), else 0..device_count-1; [] without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    n = torch.cuda.device_count()
+    parent = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return parent[:n] if parent else [str(i) for i in range(n)]
+
+
+class GpuPool:
+    """GPU schedule of the local executor: a run that computes on CUDA (train.device auto or cuda) is pinned to
+    one GPU through its child processes' CUDA_VISIBLE_DEVICES, the GPU running the fewest runs when it starts
+    (lowest index on ties): round-robin while runs take equally long, never two on one GPU while another is idle.
+    `--jobs N` with G GPUs: N <= G gives every run a GPU of its own; N > G shares them evenly. A run naming
+    cuda:N itself is not pinned (with one visible GPU, cuda:1 would not exist)."""
+
+    def __init__(self, gpus: list[str]):
+        self.gpus = list(gpus)
+        self.busy = [0] * len(self.gpus)
+        self.lock = threading.Lock()
+
+    def acquire(self) -> int:
+        with self.lock:
+            i = min(range(len(self.gpus)), key=lambda j: (self.busy[j], j))
+            self.busy[i] += 1
+            return i
+
+    def release(self, i: int) -> None:
+        with self.lock:
+            self.busy[i] -= 1
+
+
+class LocalExecutor:
+    """Runs on this machine, `jobs` runs at a time (threads that each wait on a subprocess); on a machine with
+    GPUs, runs on CUDA are spread over them (GpuPool)."""
+
+    def __init__(self, jobs: int = 1, run_fn: RunFn | None = None, gpus: list[str] | None = None):
         if jobs < 1:
             raise ValueError(f"--jobs must be >= 1, got {jobs}")
         threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
         self.run_fn = run_fn or functools.partial(run_subprocess, threads=threads)
         self.pool = cf.ThreadPoolExecutor(max_workers=jobs)
         self.futures: dict[cf.Future, RunJob] = {}
+        self.gpus = GpuPool(gpus) if gpus else None
+
+    def _run(self, job: RunJob) -> RunOutcome:
+        device = str(job.spec.config["train"]["device"])
+        if self.gpus is None or device not in ("auto", "cuda"):
+            return self.run_fn(job.run_dir, job.commands)
+        i = self.gpus.acquire()
+        try:
+            return self.run_fn(job.run_dir, job.commands, env={"CUDA_VISIBLE_DEVICES": self.gpus.gpus[i]})
+        finally:
+            self.gpus.release(i)
 
     def submit(self, job: RunJob) -> None:
-        self.futures[self.pool.submit(self.run_fn, job.run_dir, job.commands)] = job
+        self.futures[self.pool.submit(self._run, job)] = job
 
     def wait(self, timeout: float) -> list[tuple[RunJob, RunOutcome]]:
         if not self.futures:
@@ -219,7 +284,11 @@ class RayExecutor:
     """Runs as Ray tasks (RAY_ADDRESS selects a cluster; default a local one). Run directories must be on a
     file system every worker sees, and workers need the same Python environment (commands use sys.executable)."""
 
-    def __init__(self, cpus_per_run: int = 1, run_fn: RunFn | None = None):
+    def __init__(self, cpus_per_run: int = 1, run_fn: RunFn | None = None, gpus_per_run: float | None = None,
+                 devices: set[str] | None = None):
+        """`gpus_per_run` None: 1 when the runs compute on CUDA (train.device cuda, or auto while this machine or
+        the cluster has GPUs), else 0. Ray then sets each task's CUDA_VISIBLE_DEVICES, which its runs inherit;
+        without num_gpus it would hide every GPU and `auto` would silently train on CPU."""
         try:
             import ray
         except ImportError:
@@ -227,12 +296,20 @@ class RayExecutor:
         self.ray = ray
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+        cluster_gpus = float((ray.cluster_resources() or {}).get("GPU", 0))
+        if gpus_per_run is None:
+            cuda = any(uses_cuda(d, torch_cuda_available() or cluster_gpus > 0) for d in (devices or {"auto"}))
+            gpus_per_run = 1 if cuda else 0
+            if cuda and cluster_gpus == 0:
+                raise ValueError("the runs compute on CUDA (train.device) but the Ray cluster reports no GPU; "
+                                 "set train.device=cpu or start Ray with GPUs")
+        self.gpus_per_run = gpus_per_run
         fn = run_fn or functools.partial(run_subprocess, threads=cpus_per_run)
 
         def task(run_dir: Path, commands: list[list[str]]) -> RunOutcome:  # ray.remote takes functions, not partials
             return fn(run_dir, commands)
 
-        self.remote = ray.remote(num_cpus=cpus_per_run, max_retries=0)(task)
+        self.remote = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)(task)
         self.pending: dict[Any, RunJob] = {}
 
     def submit(self, job: RunJob) -> None:
@@ -449,8 +526,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", metavar="STUDY", help="run only this study (repeatable); "
                    "the baseline is always run")
     p.add_argument("--executor", choices=("local", "ray"), default="local")
-    p.add_argument("--jobs", type=int, default=1, help="local executor: runs in parallel (default 1)")
+    p.add_argument("--jobs", type=int, default=1, help="local executor: runs in parallel (default 1); with GPUs, "
+                   "each run on CUDA is pinned to one, the least busy (--jobs = number of GPUs fills them)")
     p.add_argument("--cpus-per-run", type=int, default=1, help="ray executor: CPUs reserved per run")
+    p.add_argument("--gpus-per-run", type=float, default=None,
+                   help="ray executor: GPUs reserved per run (default 1 when the runs compute on CUDA, else 0)")
     p.add_argument("--budget-minutes", type=float, help="per-run wall-clock budget (train.budget_minutes)")
     p.add_argument("--budget-tokens", type=int, help="per-run token budget (train.budget_tokens)")
     p.add_argument("--init-from", metavar="RUN_OR_CKPT",
@@ -670,15 +750,22 @@ def _main(args: argparse.Namespace, argv: list[str] | None, run_fn: RunFn | None
     if args.dry_run:
         print(dry_run_text(resolved, out))
         return 0
+    devices = {str(spec.config["train"]["device"]) for spec in resolved.runs.values()}
     if args.executor == "ray":
-        executor: Executor = RayExecutor(args.cpus_per_run, run_fn)
+        executor: Executor = RayExecutor(args.cpus_per_run, run_fn, args.gpus_per_run, devices)
     else:
-        executor = LocalExecutor(args.jobs, run_fn)
+        gpus = visible_gpus() if any(uses_cuda(d) for d in devices) else []
+        executor = LocalExecutor(args.jobs, run_fn, gpus)
+        if gpus:
+            print(f"memtrans ablate: {len(gpus)} GPU(s) ({', '.join(gpus)}): each run on CUDA is pinned to one "
+                  f"(CUDA_VISIBLE_DEVICES), the least busy when it starts; --jobs {args.jobs}", flush=True)
     meta = {"command": shlex.join(["memtrans", "ablate", *(sys.argv[2:] if argv is None else argv)]),
             "cwd": os.getcwd(), "executor": args.executor, "jobs": args.jobs,
             "budget_minutes": args.budget_minutes, "budget_tokens": args.budget_tokens,
             "init_from": resolved.extra_overrides.get("train.init_from"), "only": args.only,
-            "pretrain_steps": args.pretrain_steps, "pretrains": pretrains or None}
+            "pretrain_steps": args.pretrain_steps, "pretrains": pretrains or None,
+            "gpus": executor.gpus.gpus if isinstance(executor, LocalExecutor) and executor.gpus else None,
+            "gpus_per_run": getattr(executor, "gpus_per_run", None)}
     statuses = execute(resolved, out, executor, meta, progress=not args.no_progress)
     failed = sorted(h for h, s in statuses.items() if s == "failed")
     if not args.no_report:
