@@ -209,6 +209,16 @@ def test_meta_device_forward_with_memory(gate):
     assert state.memories[1].keys.shape[2] >= 2 * SEG
 
 
+def test_meta_device_search_over_a_bf16_ring_takes_the_fp32_output_matmul():
+    """bf16 queries over a bf16 ring off CPU: one bf16 bmm with fp32 output (no fp32 copy of the keys)."""
+    mem = ExactMemory(2, 2, 16, 64, dtype=torch.bfloat16, score_dtype=torch.float32, device="meta")
+    mem.add(torch.zeros(2, 2, 40, 16, device="meta"), torch.zeros(2, 2, 40, 16, device="meta"))
+    with NoHostTensors():
+        res = mem.search(torch.zeros(2, 2, 5, 16, device="meta", dtype=torch.bfloat16), 8)
+    assert res.scores.dtype == torch.float32 and res.keys.shape == (2, 2, 5, 8, 16)
+    assert ExactMemory._bmm_out_dtype is True
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_model_on_device_matches_cpu_reference(device, monkeypatch):
     """The same weights and documents on `device` give the CPU reference path's logits (fp32 everywhere)."""

@@ -50,6 +50,7 @@ class MemoryBackend:
         self.count = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # filled entries per slot
         self.ptr = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # next ring index to write per slot
         self._filled = [0] * batch_size  # host: upper bound of count per slot (see the module docstring)
+        self._filled_exact = True  # False after a reset by a device mask: _filled is then only a bound
         self._allocate(0)
 
     # ---- storage -------------------------------------------------------------------------------
@@ -114,6 +115,7 @@ class MemoryBackend:
             self.count.masked_fill_(mask, 0)
             self.ptr.masked_fill_(mask, 0)
             self.positions.masked_fill_(mask[:, None], -1)
+            self._filled_exact = False
             return  # _filled stays an upper bound; device engines keep no host index to drop
         if not host:
             return
@@ -210,7 +212,7 @@ class MemoryBackend:
             raise ValueError(f"memory state does not match this memory: capacity {d['capacity']} vs {self.capacity}, "
                              f"shape {tuple(d['keys'].shape)} vs [{self.batch_size}, {self.heads}, *, {self.head_dim}]")
         self.count, self.ptr = d["count"].to(self.device).clone(), d["ptr"].to(self.device).clone()
-        self._filled = [int(n) for n in d["count"].tolist()]
+        self._filled, self._filled_exact = [int(n) for n in d["count"].tolist()], True
         self.keys = d["keys"].to(self.device, self.dtype)
         self.values = d["values"].to(self.device, self.dtype)
         self.positions = d["positions"].to(self.device)
@@ -241,7 +243,7 @@ def host_slots(slots, batch_size: int) -> list[int] | None:
             return [int(i) for i in np.flatnonzero(arr)]
         slots = arr.reshape(-1).tolist()
     slots = list(slots)
-    if slots and all(isinstance(s, bool) for s in slots) and len(slots) == batch_size:
+    if slots and len(slots) == batch_size and all(isinstance(s, bool) or type(s).__name__ == "bool_" for s in slots):
         return [i for i, s in enumerate(slots) if s]
     out = sorted({int(s) for s in slots})
     if out and (out[0] < 0 or out[-1] >= batch_size):

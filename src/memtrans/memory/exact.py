@@ -156,7 +156,8 @@ class ExactMemory(MemoryBackend):
             for start in range(0, filled, chunk):  # ceil(filled / chunk) launches of matmul + topk (+ merge)
                 stop = min(filled, start + chunk)
                 s = self._scores(q, self.keys[:, :, start:stop], bf16_operands)  # [B, H, T, n] fp32
-                s.masked_fill_(~valid[:, None, None, start:stop], float("-inf"))
+                if not (self._filled_exact and min(self._filled) >= stop):  # else every slot holds [start, stop)
+                    s.masked_fill_(~valid[:, None, None, start:stop], float("-inf"))
                 s, i = s.topk(min(k, stop - start), dim=-1)
                 i += start
                 if best_s is not None:  # running top-k over the candidates so far
@@ -167,7 +168,7 @@ class ExactMemory(MemoryBackend):
 
     def _scores(self, q: torch.Tensor, keys: torch.Tensor, bf16_operands: bool) -> torch.Tensor:
         """q [B, H, T, D] . keys [B, H, n, D] -> fp32 [B, H, T, n]: fp32 sums of exact products."""
-        if bf16_operands and q.device.type == "cuda" and ExactMemory._bmm_out_dtype is not False:
+        if bf16_operands and q.device.type != "cpu" and ExactMemory._bmm_out_dtype is not False:  # CUDA (and meta)
             B, H, T, D = q.shape
             try:
                 s = torch.bmm(q.reshape(B * H, T, D), keys.to(torch.bfloat16).reshape(B * H, -1, D).transpose(1, 2),
