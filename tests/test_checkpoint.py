@@ -81,3 +81,27 @@ def test_resume_with_changed_config_is_refused(tmp_path):
     # a longer run is allowed
     s = train(tiny_config(tmp_path, steps=12), run, resume=True, quiet=True)
     assert s["steps"] == 12
+
+
+def test_rank_files_missing_or_foreign_are_refused_naming_the_file(tmp_path):
+    """A checkpoint of W processes names W rank files; a missing one, or one of another rank or step, is a
+    ValueError naming it (never a silent start from empty memories)."""
+    from memtrans.train.checkpoint import load_rank_state, rank_file_name, remove_rank_files, save_checkpoint
+
+    ckpt_file = tmp_path / "checkpoints" / "latest.pt"
+    ckpt = {"step": 6, "world_size": 2, "rank_files": [rank_file_name(r, 6) for r in (0, 1)]}
+    mine = {"rng": {}, "stream": {"rank": 0}, "model_state": {}}
+    save_checkpoint({"step": 6, "rank": 0, "world_size": 2, **mine}, ckpt_file.parent / "rank0-step6.pt")
+    assert load_rank_state(ckpt, ckpt_file, 0, 2)["stream"] == {"rank": 0}
+    with pytest.raises(ValueError, match=r"rank1-step6.pt is missing.*2 processes.*checkpoints/ directory"):
+        load_rank_state(ckpt, ckpt_file, 1, 2)
+    save_checkpoint({"step": 3, "rank": 1, "world_size": 2, **mine}, ckpt_file.parent / "rank1-step6.pt")
+    with pytest.raises(ValueError, match=r"rank1-step6.pt does not belong.*at step 3, expected rank 1 of 2 at step 6"):
+        load_rank_state(ckpt, ckpt_file, 1, 2)
+    with pytest.raises(ValueError, match="names 2 rank files for 3 processes"):
+        load_rank_state(ckpt, ckpt_file, 0, 3)
+    # one process: its state lives in latest.pt itself
+    assert load_rank_state({"ranks": [mine]}, ckpt_file, 0, 1) is mine
+    save_checkpoint({}, ckpt_file.parent / "rank0-step3.pt")
+    remove_rank_files(ckpt_file.parent, 0, keep="rank0-step6.pt")
+    assert sorted(p.name for p in ckpt_file.parent.iterdir()) == ["rank0-step6.pt", "rank1-step6.pt"]

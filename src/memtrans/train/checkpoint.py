@@ -1,10 +1,17 @@
-"""Checkpoints: one atomically written file per run, RUN/checkpoints/latest.pt.
+"""Checkpoints: RUN/checkpoints/latest.pt, and with several processes one file per rank beside it.
 
-Contents (dict): version, step, tokens, wall_time_s, finished, status, config (resolved dict), model,
-optimizer, scheduler, stability (StabilityTracker state), world_size, ranks (per rank: rng {torch, numpy,
-python, cuda}, stream (DocumentStream.state_dict), model_state (ModelState.state_dict(): XL caches +
-memories)); `rng`, `stream`, `model_state` at top level alias rank 0's.
-A save goes through a temporary file + fsync + rename: a crash or a failing save leaves the previous
+latest.pt (dict): version, step, tokens, wall_time_s, finished, status, config (resolved dict), model,
+optimizer, scheduler, stability (StabilityTracker state), grad_scaler, world_size, last_loss, summary (in the
+final one), notes, init_from, and
+- in one process: ranks = [rank 0's state], where a rank's state is rng {torch, numpy, python, cuda}, stream
+  (DocumentStream.state_dict), model_state (ModelState.state_dict(): XL caches + memories); `rng`, `stream`,
+  `model_state` at top level alias it;
+- with W > 1 processes: rank_files = the names of the W rank files (`rank{r}-step{step}.pt`), each written by
+  its own rank and holding that rank's state with its step, rank and world_size. No rank's memories pass
+  through another rank. Rank 0 writes latest.pt only once every rank's file is written (the commit), and a
+  rank deletes its older files only after that, so a kill at any moment leaves latest.pt and the rank files
+  it names consistent.
+Every file goes through a temporary file + fsync + rename: a crash or a failing save leaves the previous
 checkpoint intact.
 """
 from __future__ import annotations
@@ -28,6 +35,47 @@ def checkpoint_path(run_dir: str | Path) -> Path:
 
 def save_checkpoint(obj: dict, path: str | Path) -> None:
     atomic_torch_save(obj, path)
+
+
+def rank_file_name(rank: int, step: int) -> str:
+    return f"rank{rank}-step{step}.pt"
+
+
+def remove_rank_files(directory: str | Path, rank: int, keep: str) -> None:
+    """Delete rank `rank`'s checkpoint files in `directory` other than `keep` (after latest.pt names `keep`)."""
+    for p in Path(directory).glob(f"rank{rank}-step*.pt"):
+        if p.name != keep:
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def load_rank_state(ckpt: dict, ckpt_file: str | Path, rank: int, world_size: int) -> dict:
+    """This rank's state (rng, stream, model_state) of a checkpoint: from its own file when the checkpoint was
+    written by several processes (rank_files), else from ckpt["ranks"]. A missing, corrupt or mismatched
+    file is a ValueError naming it."""
+    ckpt_file = Path(ckpt_file)
+    if "rank_files" not in ckpt:
+        try:
+            return ckpt["ranks"][rank]
+        except (KeyError, IndexError, TypeError):
+            raise ValueError(f"checkpoint {ckpt_file} holds no state for rank {rank}") from None
+    names = ckpt["rank_files"]
+    if len(names) != world_size:
+        raise ValueError(f"checkpoint {ckpt_file} names {len(names)} rank files for {world_size} processes")
+    path = ckpt_file.parent / names[rank]
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: checkpoint {ckpt_file} (step {ckpt.get('step')}) was written by "
+                         f"{world_size} processes, each keeping its memories and document slots in its own file "
+                         f"beside it; restore that file (copy the whole checkpoints/ directory) or use another "
+                         f"--run-dir")
+    d = load_checkpoint(path)
+    got = (d.get("rank"), d.get("world_size"), d.get("step"))
+    if got != (rank, world_size, ckpt.get("step")):
+        raise ValueError(f"{path} does not belong to checkpoint {ckpt_file}: it holds rank {got[0]} of "
+                         f"{got[1]} at step {got[2]}, expected rank {rank} of {world_size} at step {ckpt.get('step')}")
+    return d
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

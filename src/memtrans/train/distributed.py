@@ -1,9 +1,10 @@
 """Data-parallel training under `torchrun`: gloo on CPU, NCCL on CUDA.
 
-Each rank owns its own document slots (DocumentStream rank/world_size), XL caches and memories; only
-gradients (averaged with one all-reduce per step, i.e. what DDP does, without its module wrapper, which
-does not fit a model that carries per-slot state between calls), the logged loss and stop decisions are
-shared. Rank 0 writes every file.
+Each rank owns its own document slots (DocumentStream rank/world_size), XL caches and memories, and saves
+and restores them itself (one checkpoint file per rank, see trainer.checkpoint); nothing of them passes
+through another rank. Gradients are averaged by torch's DistributedDataParallel, bucket by bucket while
+backward runs (`wrap_model`); the logged loss, token counts and stop decisions are all-reduced scalars.
+Rank 0 writes every shared file (config, metrics, status, summary, the shared checkpoint).
 """
 from __future__ import annotations
 
@@ -52,23 +53,37 @@ def shutdown(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def average_gradients(params: list[torch.nn.Parameter], ctx: DistContext) -> None:
-    """All-reduce (mean) the gradients of `params` in one flat buffer; missing grads count as zeros."""
+def wrap_model(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
+    """The module the training step calls: `model` itself in one process, else DistributedDataParallel over it
+    (which broadcasts rank 0's parameters now and all-reduces gradients during backward).
+
+    The model's stateful forward `(tokens, state) -> (logits, state)` passes through DDP unchanged: with
+    device_ids=None DDP moves no inputs (they are on the rank's device already), and it looks for tensors in
+    the output only to find the parameters the step used (the state's XL caches are detached; memories hold
+    no graph). find_unused_parameters=True keeps any config whose step leaves a parameter unused working,
+    and it keeps the bucket layout fixed (DDP rebuilds buckets only without it), so a resumed run reduces
+    exactly as the uninterrupted one. No buffers are broadcast (the model has none that change).
+    """
     if not ctx.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=None, broadcast_buffers=False, find_unused_parameters=True)
+
+
+def any_failed(error: BaseException | None, ctx: DistContext, device, what: str) -> None:
+    """A collective check after a step that may fail on some ranks only (writing or reading a rank's own
+    file): every rank raises when any rank failed (its own error, or a ValueError naming `what`), so that no
+    rank waits forever in the next collective. No-op in one process (the error, if any, is raised)."""
+    if not ctx.enabled:
+        if error is not None:
+            raise error
         return
-    grads = []
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= ctx.world_size
-    offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset:offset + n].view_as(g))
-        offset += n
+    failed = any_flag(error is not None, ctx, device)
+    if error is not None:
+        raise error
+    if failed:
+        raise ValueError(f"another rank failed {what} (its message says why); rank {ctx.rank} stopped too")
 
 
 def mean_scalars(values: list[float], ctx: DistContext, device) -> list[float]:
@@ -96,15 +111,8 @@ def any_flag(flag: bool, ctx: DistContext, device) -> bool:
     return bool(t.item() > 0)
 
 
-def broadcast_params(model: torch.nn.Module, ctx: DistContext) -> None:
-    if ctx.enabled:
-        with torch.no_grad():
-            for p in model.parameters():
-                dist.broadcast(p.data, 0)
-
-
 def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
-    """Every rank's `obj` (a list on every rank; for checkpoints of per-rank streams and memories)."""
+    """Every rank's `obj` (a list on every rank); for small objects only (parameter checksums), never memories."""
     if not ctx.enabled:
         return [obj]
     out: list[Any] = [None] * ctx.world_size

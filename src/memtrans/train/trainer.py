@@ -11,19 +11,22 @@ import contextlib
 import json
 import math
 import os
+import random
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from memtrans.config import Config, config_from_dict, load_config, save_config
 from memtrans.device import autocast_context, grad_scaler, policy_of, resolve_config, resolve_device
 from memtrans.train import distributed as D
-from memtrans.train.checkpoint import (CHECKPOINT_VERSION, checkpoint_path, load_checkpoint, load_weights_partial,
-                                       model_weights, resolve_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from memtrans.train.checkpoint import (CHECKPOINT_VERSION, checkpoint_path, load_checkpoint, load_rank_state,
+                                       load_weights_partial, model_weights, rank_file_name, remove_rank_files,
+                                       resolve_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from memtrans.train.optim import build_optimizer, build_scheduler
 from memtrans.train.stability import StabilityTracker
 from memtrans.utils import (DirLock, Interrupted, atomic_write_json, clean_stale_tmp, kill_at, read_json,
@@ -352,8 +355,10 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
         if diff:
             raise ValueError(f"cannot resume {run_dir}: the config differs from the checkpoint's in {', '.join(diff)}")
         if ckpt.get("world_size", 1) != ctx.world_size:
-            raise ValueError(f"cannot resume {run_dir}: checkpoint was written by {ckpt.get('world_size', 1)} "
-                             f"processes, now {ctx.world_size}")
+            w = ckpt.get("world_size", 1)
+            raise ValueError(f"cannot resume {run_dir}: its checkpoint was written by {w} process(es), this run has "
+                             f"{ctx.world_size}; each process kept its own memories and document slots, so resume "
+                             f"with the same number ({'torchrun --nproc_per_node=' + str(w) + ' ...' if w > 1 else 'without torchrun'})")
         if ckpt.get("finished") and isinstance(ckpt.get("summary"), dict):
             # killed after the final checkpoint, before summary.json / status.json: write what that run wrote
             summary = ckpt["summary"]
@@ -373,9 +378,6 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
         init_info["source"] = str(src)
         say(f"memtrans train: initialised from {src}; fresh (missing) parameters: {init_info['missing'] or 'none'}; "
             f"ignored (unexpected): {init_info['unexpected'] or 'none'}")
-    D.broadcast_params(model, ctx)
-    # torch.compile fuses the dense parts; the memory path is excluded (Attention._with_memory)
-    forward = torch.compile(model) if tc.compile else model
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
     optimizer = build_optimizer(model, cfg.optim)
@@ -387,6 +389,8 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
     tracker = StabilityTracker(cfg.optim.warmup_steps, tc.spike_window, tc.spike_factor, tc.divergence_factor,
                                cfg.optim.grad_clip)
     torch.manual_seed(tc.seed * 1000 + ctx.rank + 1)  # per-rank RNG for dropout
+    random.seed(tc.seed * 1000 + ctx.rank + 1)  # and the others, so that a run's RNG state is its own
+    np.random.seed(tc.seed * 1000 + ctx.rank + 1)
     step, tokens, wall_before = 0, 0, 0.0
     last_loss = None
     scaler_state = None
@@ -396,12 +400,23 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             scaler_state = ckpt.get("grad_scaler")
-            mine = ckpt["ranks"][ctx.rank]
-            stream.load_state_dict(mine["stream"])
-            state = model.load_state(mine["model_state"], B)
             tracker.load_state_dict(ckpt["stability"])
         except (KeyError, RuntimeError, IndexError) as e:
             raise ValueError(f"checkpoint {ckpt_file} does not fit this run ({type(e).__name__}: {str(e)[:300]})") from None
+        # this rank's own slots, caches and memories (its own file with several processes); a failure on one
+        # rank stops every rank, with that rank's message
+        error, mine = None, None
+        try:
+            mine = load_rank_state(ckpt, ckpt_file, ctx.rank, ctx.world_size)
+            try:
+                stream.load_state_dict(mine["stream"])
+                state = model.load_state(mine["model_state"], B)
+            except (KeyError, RuntimeError, IndexError) as e:
+                raise ValueError(f"checkpoint {ckpt_file} (rank {ctx.rank}) does not fit this run "
+                                 f"({type(e).__name__}: {str(e)[:300]})") from None
+        except ValueError as e:
+            error = e
+        D.any_failed(error, ctx, device, "to load its part of the checkpoint")
         set_rng_state(mine["rng"], device)
         step, tokens, wall_before = int(ckpt["step"]), int(ckpt["tokens"]), float(ckpt.get("wall_time_s", 0.0))
         last_loss = ckpt["last_loss"] if "last_loss" in ckpt else _logged_loss(run_dir / "metrics.jsonl", step)
@@ -409,6 +424,10 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
         notes = list(dict.fromkeys(ckpt.get("notes", []) + notes))
         say(f"memtrans train: resuming {run_dir} at step {step} ({tokens} tokens)")
     del ckpt
+    # Several processes: DDP averages gradients during backward (D.wrap_model). torch.compile fuses the dense
+    # parts; the memory path is excluded (Attention._with_memory).
+    step_module = D.wrap_model(model, ctx)
+    forward = torch.compile(step_module) if tc.compile else step_module
 
     metrics_file = run_dir / "metrics.jsonl"
     if main_rank:
@@ -426,18 +445,39 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
                                                          "wall_time_s": round(wall(), 3)})
 
     def checkpoint(finished: bool, status: str, summary: dict | None = None) -> None:
-        per_rank = D.gather_objects({"rng": rng_state(device), "stream": stream.state_dict(),
-                                     "model_state": state.state_dict()}, ctx)
+        """Save the run (see train/checkpoint.py). With several processes every rank writes its own state to
+        its own file, then rank 0 writes latest.pt naming those files (the commit), then each rank removes its
+        older files; a failure on any rank stops all of them, the previous checkpoint intact."""
+        mine = {"rng": rng_state(device), "stream": stream.state_dict(), "model_state": state.state_dict()}
+
+        def shared() -> dict:
+            return {"version": CHECKPOINT_VERSION, "step": step, "tokens": tokens, "wall_time_s": wall(),
+                    "finished": finished, "status": status, "config": cfg.to_dict(),
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "stability": tracker.state_dict(),
+                    "grad_scaler": None if scaler is None else scaler.state_dict(),
+                    "world_size": ctx.world_size, "init_from": init_info, "notes": notes, "last_loss": last_loss,
+                    "summary": summary}
+        if not ctx.enabled:
+            save_checkpoint({**shared(), "ranks": [mine], **mine}, ckpt_file)
+            return
+        name = rank_file_name(ctx.rank, step)
+        error = None
+        try:
+            save_checkpoint({"version": CHECKPOINT_VERSION, "step": step, "rank": ctx.rank,
+                             "world_size": ctx.world_size, **mine}, ckpt_file.parent / name)
+        except OSError as e:
+            error = e
+        D.any_failed(error, ctx, device, f"to write its checkpoint file for step {step}")
+        kill_at(f"rank_files_written_{step}")
         if main_rank:
-            save_checkpoint({"version": CHECKPOINT_VERSION, "step": step, "tokens": tokens, "wall_time_s": wall(),
-                             "finished": finished, "status": status, "config": cfg.to_dict(),
-                             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "stability": tracker.state_dict(),
-                             "grad_scaler": None if scaler is None else scaler.state_dict(),
-                             "world_size": ctx.world_size, "ranks": per_rank, "rng": per_rank[0]["rng"],
-                             "stream": per_rank[0]["stream"], "model_state": per_rank[0]["model_state"],
-                             "init_from": init_info, "notes": notes, "last_loss": last_loss,
-                             "summary": summary}, ckpt_file)
+            try:
+                save_checkpoint({**shared(), "rank_files": [rank_file_name(r, step) for r in range(ctx.world_size)]},
+                                ckpt_file)
+            except OSError as e:
+                error = e
+        D.any_failed(error, ctx, device, f"to write {ckpt_file}")
+        remove_rank_files(ckpt_file.parent, ctx.rank, keep=name)
 
     def end_summary() -> dict:
         checksums = D.gather_objects(D.param_checksum(model), ctx) if ctx.enabled else None
@@ -477,8 +517,7 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
             with amp:
                 logits, state = forward(batch.tokens, state)
             loss, n_tok = masked_loss(logits, batch.targets, batch.loss_mask, batch.tags, tc.tagged_loss_weight)
-            (loss if scaler is None else scaler.scale(loss)).backward()
-            D.average_gradients(params, ctx)
+            (loss if scaler is None else scaler.scale(loss)).backward()  # DDP all-reduces during it
             if scaler is not None:
                 scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
@@ -534,6 +573,7 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
                 write_status("running")
             if on_step is not None:
                 on_step(step)
+            kill_at(f"after_step_{step}")
         # The end of a run, in an order that a kill at any moment cannot spoil: the final checkpoint holds the
         # summary, so a run killed before summary.json or status.json is completed from it by --resume.
         if metrics is not None:
