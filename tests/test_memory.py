@@ -272,3 +272,15 @@ def test_faiss_engines_keep_their_ring_on_the_host(device):
     q = torch.randn(B, H, 5, D, generator=g).to(device)
     a, b = flat.search(q, 8), exact.search(q, 8)
     assert a.keys.device == q.device and torch.equal(a.indices, b.indices)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reference_search_under_autocast_keeps_fp32_scores(device):
+    """Training runs the model under bf16 autocast, which would run the score matmul in bf16 (scores rounded to
+    bf16 before the top-k): search turns autocast off, so it returns what it returns outside autocast."""
+    mem = device_filled(device)
+    q = torch.randn(B, H, 6, D, generator=torch.Generator().manual_seed(4)).to(device)
+    plain = mem.search(q, 10)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        auto = mem.search(q, 10)
+    assert torch.equal(auto.indices, plain.indices) and torch.equal(auto.scores, plain.scores)

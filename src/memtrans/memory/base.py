@@ -21,6 +21,7 @@ invalid entries, masked on the device; results are the same).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -147,7 +148,9 @@ class MemoryBackend:
             idx = torch.zeros(B, H, T, 0, dtype=torch.long, device=self.device)
             scores = torch.zeros(B, H, T, 0, device=self.device)
         else:
-            scores, idx, *gathered = self._topk(queries.detach(), kk, filled)
+            # autocast would run a score matmul in bf16 (scores rounded before the top-k): engines pick their dtypes
+            with _no_autocast(self.device):
+                scores, idx, *gathered = self._topk(queries.detach(), kk, filled)
         valid = torch.isfinite(scores)
         idx = torch.where(valid, idx, torch.zeros_like(idx))
         if kk < k:  # pad to a fixed k with invalid entries
@@ -222,6 +225,12 @@ class MemoryBackend:
         if x.dim() != 4 or x.shape[0] != self.batch_size or x.shape[1] != self.heads or x.shape[3] != self.head_dim:
             raise ValueError(f"{name} must have shape [batch_size={self.batch_size}, heads={self.heads}, T, "
                              f"head_dim={self.head_dim}], got {tuple(x.shape)}")
+
+
+def _no_autocast(device: torch.device):
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def host_slots(slots, batch_size: int) -> list[int] | None:
