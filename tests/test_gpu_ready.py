@@ -201,12 +201,14 @@ def test_meta_device_forward_with_memory(gate):
     assert state.memories[1].keys.device.type == "meta"
     tokens = torch.zeros(2, SEG, dtype=torch.long, device="meta")
     with NoHostTensors():
-        for i in range(3):  # an empty memory, then a filled one, with a reset between
+        for i in range(3):  # an empty memory, then a filled one, with a reset between; backward too
             if i == 2:
                 model.reset_state(state, [0])
             logits, state = model(tokens, state)
+            logits.sum().backward()
     assert logits.device.type == "meta" and logits.shape == (2, SEG, 32) and logits.dtype == torch.float32
     assert state.memories[1].keys.shape[2] >= 2 * SEG
+    assert model.blocks[1].attn.qkv.weight.grad.device.type == "meta"
 
 
 def test_meta_device_search_over_a_bf16_ring_takes_the_fp32_output_matmul():
