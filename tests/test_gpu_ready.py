@@ -248,3 +248,26 @@ def test_training_step_on_device_runs_under_autocast(device):
         state = train_segments(model, docs, state, reset_at=1)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if d.startswith("cuda")] or
+                         [pytest.param("cuda", marks=pytest.mark.skip(reason="no CUDA device here"))])
+def test_cuda_step_has_no_synchronising_call(device):
+    """On a GPU, torch itself reports every synchronising CUDA call (blocking copies, item, nonzero, ...):
+    forward + backward over several segments with a reset by the stream's CPU mask, in bf16 autocast."""
+    from memtrans.device import autocast_context
+    model = make(device, memory_layers=(0, 2), memory_dtype="bfloat16", score_dtype="float32").train()
+    docs = torch.randint(0, 32, (2, 6 * SEG), generator=torch.Generator().manual_seed(6)).to(device)
+    state = model.init_state(2)
+    with autocast_context("bf16", torch.device(device)):
+        model(docs[:, :SEG], state)[0].sum().backward()  # warm-up: allocations, the rel-bias cache
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for i, s in enumerate(range(SEG, docs.shape[1], SEG)):
+                if i == 2:
+                    model.reset_state(state, torch.tensor([True, False]))  # batch.new_doc is a CPU tensor
+                logits, state = model(docs[:, s:s + SEG], state)
+                logits.float().logsumexp(-1).mean().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
