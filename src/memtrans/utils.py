@@ -18,12 +18,14 @@ from typing import Any, Callable, Iterable
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "w") -> None:
     """Write via a temporary file in the same directory, fsync, then rename over `path`.
 
-    A crash at any moment leaves either the old file or the new one, never a partial file.
+    A crash at any moment leaves either the old file or the new one, never a partial file. The file gets the
+    permissions of a plain `open` under the user's umask (mkstemp's are 0600: results others could not read).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
@@ -35,6 +37,15 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "w"
         if isinstance(e, OSError) and e.filename is None:
             e.filename = str(path)  # a failed write() names no file; say which one
         raise
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it: set and restore (once, at import)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
