@@ -15,8 +15,10 @@ The two variants (memory / the same model with `memory_layers=()`) run interleav
 table gives the median. The memory's cost per token = (ms/token with memory) - (ms/token without); it is
 compared with (bytes of the stored keys) / (read bandwidth), the bandwidth measured in this run as the best
 of 5 `torch.sum` over a 512 MiB fp32 buffer on the same threads (background load only slows a run, so the
-best is the closest to the machine's bandwidth). One `memory.search` of one query against the filled memory
-is timed on its own too (median and best of 15).
+best is the closest to the machine's bandwidth), and with the bytes the search path actually streams (with
+the int8 prefilter of the AVX-512 VNNI kernel: D int8 codes + 16 B per entry and head, not the keys). One
+`memory.search` of one query against the filled memory is timed on its own too (median and best of 15).
+`MEMTRANS_EXACT_PREFILTER=none` measures the plain kernel.
 """
 from __future__ import annotations
 
@@ -70,14 +72,16 @@ def filled_state(model, a):
     return state
 
 
-def decode_ms_per_token(model, state, a) -> float:
-    """ms per decoded token; the state is cloned so every round decodes from the same point."""
+def decode_ms_per_token(model, state, a) -> tuple[float, float]:
+    """(wall, CPU) ms per decoded token; the state is cloned so every round decodes from the same point.
+    CPU time (process_time, one torch thread) is what the decoding cost this process: on a machine loaded by
+    other jobs the wall time also holds the time spent waiting for a core."""
     st = model.load_state(state.state_dict())
     prompt = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(2))
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     new, _ = model.generate(prompt, st, a.tokens, temperature=0)
-    el = time.perf_counter() - t
-    return 1e3 * el / (a.tokens + 1)  # the prompt token + each generated token: one extend each
+    el, cpu = time.perf_counter() - t, time.process_time() - c
+    return 1e3 * el / (a.tokens + 1), 1e3 * cpu / (a.tokens + 1)  # prompt token + each generated one: one extend each
 
 
 def read_bandwidth(mib: int = 512) -> float:
@@ -97,12 +101,13 @@ def search_ms(model, state) -> float:
     mem = state.memories[layer]
     q = torch.nn.functional.normalize(torch.randn(1, model.cfg.heads, 1, model.cfg.head_dim), dim=-1)
     mem.search(q, model.cfg.knn_k)
-    ts = []
+    ts, cs = [], []
     for _ in range(15):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         mem.search(q, model.cfg.knn_k)
         ts.append(time.perf_counter() - t)
-    return 1e3 * min(ts), 1e3 * statistics.median(ts)
+        cs.append(time.process_time() - c)
+    return 1e3 * min(ts), 1e3 * statistics.median(ts), 1e3 * statistics.median(cs)
 
 
 def main() -> None:
@@ -132,24 +137,45 @@ def main() -> None:
     path = mem.active_path() if isinstance(mem, ExactMemory) else mem.name
     print(f"# memory filled in {time.perf_counter() - t:.1f} s; retrieval path: {path}; loadavg before {loadavg()}")
     times = {name: [] for name in models}
+    cpus = {name: [] for name in models}
     for _ in range(a.rounds):
         for name, m in models.items():
-            times[name].append(decode_ms_per_token(m, states[name], a))
+            wall, cpu = decode_ms_per_token(m, states[name], a)
+            times[name].append(wall)
+            cpus[name].append(cpu)
     bw = read_bandwidth()
-    s_min, s_ms = search_ms(models["memory"], states["memory"])
+    s_min, s_ms, s_cpu = search_ms(models["memory"], states["memory"])
     key_bytes = mem.keys[:, :, :a.memory_size].numel() * mem.keys.element_size()
     read_ms = 1e3 * key_bytes / bw
+    # What the search streams: with the int8 prefilter, per (entry, head) D int8 codes + 16 B (corr, scale,
+    # err, norm) for the heads that keep it, the keys for heads that fell back (crowded scores); the exact
+    # rescoring of the prefilter's survivors comes on top (a small share when the bound separates).
+    H, D, N = sh["heads"], sh["head_dim"], a.memory_size
+    if path == "fused-int8":
+        on = int(mem._int8_ok[0].sum())
+        stream_bytes = N * (on * (D + 16) + (H - on) * D * mem.keys.element_size())
+        stream_note = f"int8 prefilter kept by {on}/{H} heads"
+    else:
+        stream_bytes, stream_note = key_bytes, "no prefilter: the keys themselves"
+    stream_ms = 1e3 * stream_bytes / bw
     med = {name: statistics.median(v) for name, v in times.items()}
-    print(f"\n| variant | ms/token (median; rounds) | tokens/s |\n|---|---|---|")
+    cmed = {name: statistics.median(v) for name, v in cpus.items()}
+    print(f"\n| variant | wall ms/token (median; rounds) | tokens/s | CPU ms/token (median; rounds) | tokens/s of CPU |"
+          f"\n|---|---|---|---|---|")
     for name in models:
-        print(f"| {name} | {med[name]:.1f} ({', '.join(f'{x:.1f}' for x in times[name])}) | {1e3 / med[name]:.1f} |")
+        print(f"| {name} | {med[name]:.1f} ({', '.join(f'{x:.1f}' for x in times[name])}) | {1e3 / med[name]:.1f} | "
+              f"{cmed[name]:.1f} ({', '.join(f'{x:.1f}' for x in cpus[name])}) | {1e3 / cmed[name]:.1f} |")
     cost = med["memory"] - med["no memory"]
-    print(f"\nmemory cost per token: {cost:.1f} ms (with - without, medians); one search of one query alone: "
-          f"{s_ms:.1f} ms median, {s_min:.1f} ms best of 15")
+    ccost = cmed["memory"] - cmed["no memory"]
+    print(f"\nmemory cost per token: {cost:.1f} ms wall, {ccost:.1f} ms CPU (with - without, medians); one search of "
+          f"one query alone: {s_ms:.1f} ms median, {s_min:.1f} ms best of 15 (wall), {s_cpu:.1f} ms CPU median")
     print(f"keys stored: {key_bytes / 2 ** 20:.0f} MiB ({a.memory_size:,} x {sh['heads']} heads x {sh['head_dim']} x "
           f"{mem.keys.element_size()} B); read bandwidth {bw / 1e9:.1f} GB/s -> reading them once: {read_ms:.1f} ms")
-    print(f"memory cost / one read of the keys: {cost / read_ms:.2f}x (search alone: {s_ms / read_ms:.2f}x median, "
-          f"{s_min / read_ms:.2f}x best)")
+    print(f"memory cost / one read of the keys: {cost / read_ms:.2f}x wall, {ccost / read_ms:.2f}x CPU (search alone: "
+          f"{s_ms / read_ms:.2f}x median, {s_min / read_ms:.2f}x best, {s_cpu / read_ms:.2f}x CPU)")
+    print(f"bytes the search streams ({path}; {stream_note}): {stream_bytes / 2 ** 20:.0f} MiB -> {stream_ms:.1f} ms; "
+          f"memory cost / that: {cost / stream_ms:.2f}x wall, {ccost / stream_ms:.2f}x CPU (search alone: "
+          f"{s_ms / stream_ms:.2f}x median, {s_min / stream_ms:.2f}x best, {s_cpu / stream_ms:.2f}x CPU)")
     print(f"# loadavg after {loadavg()}")
 
 
