@@ -10,7 +10,7 @@ paired t-interval over the seeds, in far-position perplexity and bits per byte a
     python scripts/scale_study.py --report-only            # tables and plot from what has finished
 
 Each budget is one `memtrans ablate` output directory (OUT/<budget>); re-running skips finished runs, so the
-study continues across sittings. Writes OUT/SCALE.md (the table) and OUT/gain.png.
+study continues across sittings (and machines: the dtypes are pinned to fp32). Writes OUT/SCALE.md (the table) and OUT/gain.png.
 """
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PLAN = ROOT / "plans" / "memorizing_transformers.yaml"
 PRESET = "small"
 STUDY = "Memory Ablation"
+# fp32 pinned (not `auto`): the resolved dtypes name the runs, so a study continued on another kind of CPU keeps
+# its finished runs; fp32 is fast everywhere, bf16 only on some CPUs
+PINNED = ["train.precision=fp32", "model.memory_dtype=float32", "model.score_dtype=float32"]
 
 
 def parse_budgets(text: str) -> list[tuple[int, int | None]]:
@@ -189,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     budgets = parse_budgets(args.budgets)
     out = Path(args.out)
-    sets = [f"data.corpus={args.corpus}", *args.sets]
+    sets = [f"data.corpus={args.corpus}", *PINNED, *args.sets]
     failed = 0
     if not args.report_only:
         per_step = tokens_per_step(sets)
