@@ -74,7 +74,7 @@ def run_tests(device):
     files = ["tests/test_gpu_ready.py", "tests/test_memory.py", "tests/test_model.py"]
     t0 = time.time()
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=240)
+                       capture_output=True, text=True, timeout=150)
     tail = (p.stdout + p.stderr).strip().splitlines()
     summary = next((line for line in reversed(tail) if re.search(r"\d+ (passed|failed)", line)), tail[-1] if tail else "")
     counts = ", ".join(re.findall(r"\d+ (?:passed|failed|error|errors|skipped)", summary)) or summary
@@ -131,7 +131,8 @@ def run_retrieval(device, s, peak, full):
 
 
 def _size(n):
-    return f"{n >> 20}M" if n >= 1 << 20 and n % (1 << 20) == 0 else f"{n >> 10}K"
+    """The paper's names: 65536 = 65K, 262144 = 262K, 2**20 = 1M."""
+    return f"{n >> 20}M" if n >= 1 << 20 and n % (1 << 20) == 0 else f"{n // 1000}K"
 
 
 # ---- training step -------------------------------------------------------------------------------------------
@@ -199,7 +200,7 @@ def run_ablate(device):
            "--set", f"train.device={device.type}", "--set", "train.steps=6", "--set", "train.checkpoint_every=6"]
     t0 = time.time()
     try:
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150)
         rc, log = p.returncode, (p.stdout + p.stderr)
     except subprocess.TimeoutExpired:
         rc, log = "timeout", ""
@@ -230,18 +231,20 @@ def main():
           f"measured bf16 matmul peak {peak / 1e12:.2f} TFLOP/s, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     skip = set(filter(None, args.skip.split(",")))
     rows, t0 = [], time.time()
+    print("\n| check | case | result | target |\n|---|---|---|---|", flush=True)  # rows print as they finish
     for section, fn in (("tests", lambda: run_tests(device)), ("retrieval", lambda: run_retrieval(device, s, peak, full)),
                         ("train", lambda: run_train(device, s, peak, full)), ("ablate", lambda: run_ablate(device))):
         if section in skip:
             continue
         try:
-            rows += fn()
+            new = fn()
         except Exception as e:  # one failing section still prints the others
-            rows.append((section, "error", f"{type(e).__name__}: {str(e).splitlines()[0][:160]}", "", False))
-    print("\n| check | case | result | target |\n|---|---|---|---|")
-    for check, case, result, target, ok in rows:
-        verdict = "" if ok is None else (" met" if ok else " NOT MET")
-        print(f"| {check} | {case} | {result} | {target}{verdict if target else (' FAILED' if ok is False else '')} |")
+            new = [(section, "error", f"{type(e).__name__}: {str(e).splitlines()[0][:160]}", "", False)]
+        for check, case, result, target, ok in new:
+            verdict = "" if ok is None else (" met" if ok else " NOT MET")
+            print(f"| {check} | {case} | {result} | {target}{verdict if target else (' FAILED' if ok is False else '')} |",
+                  flush=True)
+        rows += new
     print(f"\n# {time.time() - t0:.0f} s; {'targets apply' if full else 'tiny shapes: no targets (a pipeline check)'}")
     return 1 if any(ok is False for *_, ok in rows) else 0
 
