@@ -203,13 +203,20 @@ class Attention(nn.Module):
                 "weighted_sum": lambda: self.gate_mem,
                 }.get(self.gate)
         q_pos = positions[:, None, :, None]  # [B, 1, T, 1]
-        dist = (q_pos - found.positions)[found.valid]
-        hist = torch.bucketize(dist.cpu(), DISTANCE_EDGES, right=True) - 1
+        # Summaries on the device, one copy to the host (one synchronisation per layer, not one per summary).
+        edges = DISTANCE_EDGES.to(positions.device)
+        hist = (torch.bucketize(q_pos - found.positions, edges, right=True) - 1).clamp(0, len(edges) - 1)
+        counts = torch.zeros(len(edges), dtype=torch.long, device=positions.device)
+        counts.scatter_add_(0, hist.flatten(), found.valid.flatten().long())  # valid retrievals per distance bin
+        H = self.heads
+        g = gate().detach().double() if gate else torch.zeros(0, dtype=torch.float64, device=positions.device)
+        host = torch.cat([((share * has_mem).sum((0, 2)) / n).double(), g.to(positions.device),
+                          has_mem.sum().double()[None], counts.double()]).cpu()
         diagnostics.update({
-            "memory_share": ((share * has_mem).sum((0, 2)) / n).float().cpu(),  # [H]
-            "gate": gate().detach().float().cpu() if gate else None,  # [H] or None where no scalar gate exists
-            "queries_with_memory": int(has_mem.sum()),
-            "distance_counts": torch.bincount(hist.clamp(min=0), minlength=len(DISTANCE_EDGES))[:len(DISTANCE_EDGES)],
+            "memory_share": host[:H].float(),  # [H]
+            "gate": host[H:H + len(g)].float() if gate else None,  # [H] or None where no scalar gate exists
+            "queries_with_memory": int(host[H + len(g)]),
+            "distance_counts": host[H + len(g) + 1:].long(),  # [len(DISTANCE_EDGES)]
             # per query, on the model's device: [B, H, T, k] positions (-1 invalid) and weights, [B, H, T] share
             "retrieved_positions": found.positions,
             "retrieved_weights": mem_weights.float() * found.valid,
