@@ -6,7 +6,7 @@
 Per seed, the recall recipe of benchmarks/recall_proof.py (configs/recall_proof/: a one-layer model pretrained
 without memory on short documents, then fine-tuned with a kNN memory / without on documents whose queries
 lie >= 100 tokens after their bindings) trains three runs (~25 s), then for each held-out document and each
-far query (its value lies >= 2 x segment_len tokens after its binding, out of reach of segment + XL cache)
+far query (beyond the model's local reach, `memtrans.model.reach.far_distance`, as `memtrans eval` counts)
 the document up to and including the query's key letter is the prompt, and one token is generated greedily
 (`model.generate(..., temperature=0)`; the prompt is streamed segment by segment as in training). The table
 gives the share of far queries whose value was generated right, with and without memory; for the memory
@@ -43,12 +43,14 @@ def far_generation(run_dir) -> dict:
     """Greedy one-token generation at every far query of the run's test split."""
     from memtrans.data import prepare_data
     from memtrans.generate import entry_weights, load_model
+    from memtrans.model.reach import far_distance
 
     model, _, cfg, _ = load_model(run_dir)
     if cfg.data.corpus != "recall":
         raise SystemExit(f"{run_dir}: data.corpus is {cfg.data.corpus!r}, not recall")
     bundle = prepare_data(cfg.data, cfg.train.seed)
-    docs, far = bundle.splits["test"], 2 * cfg.model.segment_len
+    docs = bundle.splits["test"]
+    far = far_distance(cfg.model.segment_len, cfg.model.depth, cfg.model.xl_cache)
     right = on_binding = total = 0
     example = None
     for i in range(len(docs)):
@@ -64,7 +66,8 @@ def far_generation(run_dir) -> dict:
                 on_binding += hit
                 if example is None and ok and hit:
                     example = tokens[:p + 1]
-    return {"queries": total, "right": right / max(total, 1), "on_binding": on_binding / max(total, 1),
+    return {"queries": total, "right": right / max(total, 1),
+            "on_binding": on_binding / max(total, 1) if model.cfg.has_memory else None,
             "memory": model.cfg.has_memory, "chance": bundle.info["chance"], "example": example}
 
 
@@ -83,7 +86,8 @@ def main() -> None:
         for run in a.runs:
             t = time.time()
             g = far_generation(run)
-            print(f"| {run} | {g['queries']} | {g['right']:.3f} | {g['on_binding']:.3f} |"
+            bind = "-" if g["on_binding"] is None else f"{g['on_binding']:.3f}"
+            print(f"| {run} | {g['queries']} | {g['right']:.3f} | {bind} |"
                   f" {g['chance']:.3f} | {time.time() - t:.0f} |", flush=True)
             if a.write_prompt and g["example"] is not None:
                 Path(a.write_prompt).write_bytes(bytes(g["example"].astype(np.uint8)))

@@ -1,8 +1,9 @@
 """Generation with memory on the recall task: a model from the recall recipe (configs/recall_proof/, as in
 tests/test_recall_proof.py) reads a held-out document up to a far query's key and writes the bound value.
 
-Every query scored here lies >= 100 tokens after its binding, beyond the 2 x 32 tokens of segment + XL
-cache, so only the memory can carry the binding. With memory the generated value is right far above
+Every query scored here is far (`memtrans.model.reach.far_distance`, as `memtrans eval` counts them): its
+binding lies beyond the model's local reach (segment 32 x (depth 1 + 1) - 1 = 63 tokens), so only the
+memory can carry it; the recipe puts every query 100-240 tokens after its binding. With memory the generated value is right far above
 chance (0.1), and the entry the memory weighted most is the binding token itself; without memory it is at
 chance. Greedy generation must also give exactly the teacher-forced evaluation's far recall (the same
 argmax at the same positions). About 35 s on one core, most of it the recipe's training.
@@ -43,9 +44,10 @@ def generate_far_values(run_dir):
     """Per far query of the run's test split: (generated value right?, binding position, top retrieved
     position or None, prompt tokens, value token). One greedy token after the prompt doc[:query key + 1]."""
     from memtrans.data import prepare_data
+    from memtrans.model.reach import far_distance
     model, _, cfg, _ = load_model(run_dir)
     docs = prepare_data(cfg.data, cfg.train.seed).splits["test"]
-    far, rows = 2 * cfg.model.segment_len, []
+    far, rows = far_distance(cfg.model.segment_len, cfg.model.depth, cfg.model.xl_cache), []
     for i in range(len(docs)):
         tokens, tags = docs.tokens(i).astype(np.int64), docs.tags(i)
         for p in np.nonzero(tags >= far)[0]:  # tags[p] = distance from the value token p + 1 to its binding
@@ -68,7 +70,8 @@ def test_memory_model_generates_far_values_and_the_model_without_memory_is_at_ch
     acc = {}
     for name, rows in generated.items():
         assert len(rows) >= 100
-        assert all(len(prompt) - binding > 64 for _, binding, _, prompt, _ in rows)  # beyond segment + XL cache
+        # the query (the prompt's last token) is further from the binding than the 63-token local reach
+        assert all(len(prompt) - 1 - binding > 63 for _, binding, _, prompt, _ in rows)
         acc[name] = np.mean([r[0] for r in rows])
     assert acc["memory"] > chance + 0.3, acc
     assert acc["no_memory"] < chance + 0.1, acc
