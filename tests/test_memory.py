@@ -284,3 +284,28 @@ def test_reference_search_under_autocast_keeps_fp32_scores(device):
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
         auto = mem.search(q, 10)
     assert torch.equal(auto.indices, plain.indices) and torch.equal(auto.scores, plain.scores)
+
+
+def test_reference_search_launches_do_not_grow_with_slots_or_heads():
+    """One batched matmul + topk per chunk of ring entries (and one merge topk per chunk after the first),
+    however many slots and heads: ceil(filled / chunk) chunks, chunk = block budget / (B * H * T)."""
+    from torch.overrides import TorchFunctionMode
+
+    class Count(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.n = {}
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            self.n[name] = self.n.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    T = 4
+    for b, h in ((1, 1), (4, 3)):
+        mem = ExactMemory(b, h, D, 4096, dtype=torch.float32, fast=False)
+        mem.add(torch.randn(b, h, 4096, D), torch.randn(b, h, 4096, D))
+        mem.max_block_elements = b * h * T * 1024  # 1024-entry chunks: 4 of them
+        with Count() as c:
+            mem.search(torch.randn(b, h, T, D), 8)
+        assert c.n.get("matmul", 0) + c.n.get("bmm", 0) == 4 and c.n["topk"] == 4 + 3, c.n
