@@ -147,7 +147,9 @@ class ExactMemory(MemoryBackend):
         # bf16 scores: bf16 operands summed in fp32, like the fused kernels. Rounding each score to bf16 instead
         # tied the crowded top scores of trained keys (recall@32 0.51-0.83), and ties broke by the matmul's shape,
         # which depends on how full the other slots are: a document's logits then depended on other documents.
-        bf16_operands = self.score_dtype == torch.bfloat16 or (queries.dtype == torch.bfloat16 and self.dtype == torch.bfloat16)
+        # fp32 scores of bf16 queries over a bf16 ring are the same sums of bf16 products: the bf16 matmul computes them
+        bf16_operands = self.score_dtype == torch.bfloat16 or (
+            self.score_dtype == torch.float32 and queries.dtype == torch.bfloat16 and self.dtype == torch.bfloat16)
         q = queries.to(torch.bfloat16 if bf16_operands else self.score_dtype)
         valid = self._valid_entries(filled)  # [B, filled] on the ring's device
         chunk = max(k, self.block_elements() // max(1, B * H * T))
