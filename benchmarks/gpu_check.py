@@ -14,7 +14,8 @@ Rows:
   (search FLOPs 2*B*H*T*N*D at the bf16 matmul peak measured here).
 - train step: forward + backward + AdamW at the paper's shape (12 layers, d 1024, 8 x 128 heads, FFN 4096,
   vocabulary 32K, segment 512 with XL cache, bf16 autocast, batch --batch), without memory and with one full
-  memory layer at layer 9 (65K, 262K entries, k 32, exact engine, the policy's dtypes). MFU = model FLOPs
+  memory layer at layer 9 (65K, 262K entries, k 32, exact engine; the policy's dtypes, and bfloat16 scores).
+  MFU = model FLOPs
   (benchmarks/train_step.py's count; retrieval not counted) / time / the measured bf16 matmul peak.
 - ablate: `memtrans ablate --preset ci --only "Memory Ablation"` on the device, 6 steps per run (2 runs).
 
@@ -42,7 +43,7 @@ FULL = dict(batch=8, heads=8, head_dim=128, queries=512, k=32, sizes=(65536, 262
             steps=6, warmup=2, reps=5)
 TINY = dict(batch=2, heads=2, head_dim=32, queries=32, k=8, sizes=(1024, 4096, 16384),
             dim=64, depth=4, segment=32, vocab=256, mem_layer=2, train_sizes=(1024, 4096), train_batch=2,
-            steps=3, warmup=1, reps=2)
+            steps=4, warmup=2, reps=2)
 
 
 def sync(device):
@@ -151,10 +152,12 @@ def run_train(device, s, peak, full):
     B, T = s["train_batch"], s["segment"]
     precision = "bf16" if device.type == "cuda" else "fp32"
     rows, base = [], None
-    for n in (0,) + tuple(s["train_sizes"]):
+    # each memory size with the policy's score dtype (auto: fp32 on CUDA; qk-norm queries are fp32 under autocast,
+    # so IEEE fp32 products) and with bfloat16 scores (bf16 products summed in fp32, as on bf16 CPUs)
+    for n, score in [(0, "auto")] + [(n, sd) for n in s["train_sizes"] for sd in ("auto", "bfloat16")]:
         cfg = ModelConfig(vocab_size=s["vocab"], dim=s["dim"], depth=s["depth"], heads=s["heads"], head_dim=s["head_dim"],
                           segment_len=T, memory_layers=(s["mem_layer"],) if n else (), memory_size=max(n, 1024),
-                          knn_k=s["k"])
+                          knn_k=s["k"], score_dtype=score)
         torch.manual_seed(0)
         model = MemorizingTransformer(cfg).to(device).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -179,7 +182,7 @@ def run_train(device, s, peak, full):
         sec = timed(step, device, s["steps"])
         mfu = model_flops(model, cfg, B, T) / sec / peak
         base = base or sec
-        name = "no memory" if not n else f"{_size(n)} memory at layer {s['mem_layer']}"
+        name = "no memory" if not n else f"{_size(n)} memory at layer {s['mem_layer']}, {score} scores"
         target, ok = "", None
         if full and n:
             limit = 1.15 if n == 65536 else 1.35
