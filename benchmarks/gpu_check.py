@@ -14,7 +14,7 @@ Rows:
   (search FLOPs 2*B*H*T*N*D at the bf16 matmul peak measured here).
 - train step: forward + backward + AdamW at the paper's shape (12 layers, d 1024, 8 x 128 heads, FFN 4096,
   vocabulary 32K, segment 512 with XL cache, bf16 autocast, batch --batch), without memory and with one full
-  memory layer at layer 9 (65K, 262K entries, k 32, exact engine; the policy's dtypes, and bfloat16 scores).
+  memory layer at layer 9 (65K, 262K entries, k 32, exact engine; the policy's dtypes, and float32 scores).
   MFU = model FLOPs
   (benchmarks/train_step.py's count; retrieval not counted) / time / the measured bf16 matmul peak.
 - ablate: `memtrans ablate --preset ci --only "Memory Ablation"` on the device, 6 steps per run (2 runs).
@@ -152,9 +152,9 @@ def run_train(device, s, peak, full):
     B, T = s["train_batch"], s["segment"]
     precision = "bf16" if device.type == "cuda" else "fp32"
     rows, base = [], None
-    # each memory size with the policy's score dtype (auto: fp32 on CUDA; qk-norm queries are fp32 under autocast,
-    # so IEEE fp32 products) and with bfloat16 scores (bf16 products summed in fp32, as on bf16 CPUs)
-    for n, score in [(0, "auto")] + [(n, sd) for n in s["train_sizes"] for sd in ("auto", "bfloat16")]:
+    # each memory size with the policy's score dtype (auto: bfloat16 on a bf16 GPU, bf16 products summed in fp32)
+    # and with float32 scores (qk-norm queries are fp32 under autocast, so IEEE fp32 products)
+    for n, score in [(0, "auto")] + [(n, sd) for n in s["train_sizes"] for sd in ("auto", "float32")]:
         cfg = ModelConfig(vocab_size=s["vocab"], dim=s["dim"], depth=s["depth"], heads=s["heads"], head_dim=s["head_dim"],
                           segment_len=T, memory_layers=(s["mem_layer"],) if n else (), memory_size=max(n, 1024),
                           knn_k=s["k"], score_dtype=score)

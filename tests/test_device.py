@@ -34,10 +34,10 @@ def test_explicit_values_are_kept(monkeypatch):
     assert (cfg.train.precision, cfg.model.memory_dtype, cfg.model.score_dtype) == ("bf16", "bfloat16", "float32")
 
 
-def test_cuda_auto_uses_fp32_scores_and_bf16_only_where_supported(monkeypatch):
+def test_cuda_auto_uses_bf16_only_where_supported(monkeypatch):
     monkeypatch.delenv("MEMTRANS_BF16", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for supported, want in ((True, ("bf16", "bfloat16", "float32")), (False, ("fp32", "float32", "float32"))):
+    for supported, want in ((True, ("bf16", "bfloat16", "bfloat16")), (False, ("fp32", "float32", "float32"))):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, s=supported: s)
         p = dev.resolve_dtype_names("auto", "auto", "auto", torch.device("cuda"))
         assert (p.precision, p.memory_dtype, p.score_dtype) == want
@@ -112,6 +112,6 @@ def test_a_cuda_plan_resolves_on_a_machine_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("MEMTRANS_BF16", raising=False)
     cfg = dev.resolve_config(load_config(None, ["train.device=cuda"]))
-    assert (cfg.train.precision, cfg.model.memory_dtype, cfg.model.score_dtype) == ("bf16", "bfloat16", "float32")
+    assert (cfg.train.precision, cfg.model.memory_dtype, cfg.model.score_dtype) == ("bf16", "bfloat16", "bfloat16")
     with pytest.raises(ValueError, match="train.device: cuda was asked for but CUDA is not available"):
         dev.resolve_device("cuda")

@@ -6,9 +6,9 @@
 - bf16 only where it is native and fast: CUDA devices that support it, CPUs with AVX512_BF16 or AMX (as torch
   reports them). Elsewhere fp32: on an AVX2-only CPU torch's bf16 matmul ran ~50x slower than fp32 (0.5 vs
   58 GFLOP/s, one thread), and ARM and most laptops have no native bf16 either.
-- Retrieval scores: bf16 only on CPUs with native bf16, where the fused kernel rounds the queries to bf16 but
-  accumulates in fp32. On CUDA the reference matmul would round every score to bf16 before the top-k (recall@32
-  0.51-0.71 on trained keys), so `auto` picks fp32 there.
+- Retrieval scores: bf16 where bf16 is native (CPU or CUDA): the queries are rounded to bf16 and the products
+  summed in fp32 (the fused CPU kernels; `bmm(..., out_dtype=float32)` on CUDA), never rounded before the
+  top-k; fp32 elsewhere. fp32 scores on CUDA would mean full-precision fp32 products, off the tensor cores.
 - fp16 (autocast + a gradient scaler) is an explicit choice for GPUs without bf16; `auto` never picks it.
 
 `MEMTRANS_BF16=0|1` overrides the detection (a user's escape hatch, and how tests simulate other machines).
@@ -104,7 +104,7 @@ def resolve_dtype_names(precision: str, memory_dtype: str, score_dtype: str, dev
     recorded = recorded or {}
     picks = {"train.precision": "bf16" if native else "fp32",
              "model.memory_dtype": "bfloat16" if native else "float32",
-             "model.score_dtype": "bfloat16" if native and device.type == "cpu" else "float32"}
+             "model.score_dtype": "bfloat16" if native else "float32"}
     given = {"train.precision": precision, "model.memory_dtype": memory_dtype, "model.score_dtype": score_dtype}
     out = {}
     for key, value in given.items():
