@@ -3,6 +3,16 @@
 One segment per step: the stream's B document slots advance by `segment_len` tokens, the model's XL caches
 and memories carry from step to step (reset per slot when a new document starts), and the loss is the
 mean cross-entropy over the batch's `loss_mask`. See docs/CONTRACTS.md for the run-directory format.
+
+No host synchronisation in a step on a GPU: the token count comes from the host copy of the batch (copied to
+the device from pinned memory without blocking), and each step's loss and gradient norm stay device tensors
+until a read step (a `train.log_every` step, a checkpoint, a budget stop, the last step), where they are read
+in one transfer and fed to the stability tracker in order, so metrics.jsonl and the summary are those of
+reading every step. The read comes before that step's update; a divergence (non-finite or exploding loss)
+is reported at the step it happened, but found at the next read, so the steps between it and the read have
+updated the weights (a note in the summary says so; `train.log_every: 1` reads every step, as before). With
+fp16 the gradient scaler reads its overflow flag every step (inside torch), and with several processes the
+token count and the stop decision are all-reduced and read every step.
 """
 from __future__ import annotations
 
@@ -41,16 +51,25 @@ RESUMABLE_CHANGES = ("train.steps", "train.budget_minutes", "train.budget_tokens
 
 
 def masked_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, tags: torch.Tensor | None = None,
-                tagged_weight: float = 1.0) -> tuple[torch.Tensor, int]:
+                tagged_weight: float = 1.0, num_tokens: int | None = None) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over `mask` (0 with a graph when nothing is masked in); with `tagged_weight` != 1,
-    a weighted mean in which tokens with tags >= 0 count `tagged_weight` times."""
+    a weighted mean in which tokens with tags >= 0 count `tagged_weight` times. `num_tokens`: the mask's count
+    when the caller knows it (the trainer counts the host copy of the mask, so a device mask is never read)."""
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
     m = mask.reshape(-1).to(nll.dtype)
-    n = int(mask.sum())
+    n = int(mask.sum()) if num_tokens is None else num_tokens
     if tags is not None and tagged_weight != 1.0:
         m = m * torch.where(tags.reshape(-1) >= 0, tagged_weight, 1.0).to(nll.dtype)
         return (nll * m).sum() / m.sum().clamp(min=1e-9), n
     return (nll * m).sum() / max(n, 1), n
+
+
+def to_device(batch, device: torch.device):
+    """The stream's batch on `device`. On CUDA it goes through pinned memory with non_blocking=True: the host
+    does not wait for the copy, which the stream orders before the step's kernels; on CPU it is the batch."""
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -507,50 +526,42 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip and cfg.optim.grad_clip > 0 else math.inf
     budget_hit = None
     final_status = "finished"
-    interval_tokens, interval_start = 0, time.time()
-    try:
-        model.train()
-        while step < tc.steps:
-            batch = next(stream)
-            model.reset_state(state, batch.new_doc)
-            batch = batch.to(device)
-            with amp:
-                logits, state = forward(batch.tokens, state)
-            loss, n_tok = masked_loss(logits, batch.targets, batch.loss_mask, batch.tags, tc.tagged_loss_weight)
-            (loss if scaler is None else scaler.scale(loss)).backward()  # DDP all-reduces during it
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-            loss_value, = D.mean_scalars([float(loss.detach())], ctx, device)
-            n_tok = int(D.sum_scalars([float(n_tok)], ctx, device)[0])
-            flags = tracker.update(step + 1, loss_value, grad_norm)
+    every = max(1, tc.log_every)
+    # Steps whose loss and gradient norm are still device tensors: (step, lr, tokens, tokens after it, loss,
+    # grad norm). They are read on the host together at the next read step: a log step, a checkpoint step, a
+    # budget stop or the last step.
+    pending: list[tuple] = []
+    logged_tokens, interval_start = tokens, time.time()
+
+    def read_pending() -> bool:
+        """Read the pending steps' values on the host (one transfer), feed them to the tracker in order and write
+        the records of their log steps: the tracker, metrics.jsonl and the summary see exactly what reading every
+        step would show. True when one of them diverged: step, tokens and last_loss then stop at that step."""
+        nonlocal step, tokens, last_loss, final_status, logged_tokens, interval_start
+        values = torch.stack([t.detach().to(torch.float64) for p in pending for t in p[4:]]).tolist()
+        losses = D.mean_scalars(values[0::2], ctx, device)
+        norms = values[1::2]
+        read_at, now = pending[-1][0], time.time()
+        entries = pending.copy()
+        pending.clear()
+        for (s, lr, n_tok, tokens_after, _, _), loss_value, grad_norm in zip(entries, losses, norms):
+            flags = tracker.update(s, loss_value, grad_norm)
             if flags["diverged"]:
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                final_status = "diverged"
+                step, tokens, final_status = s, tokens_after - n_tok, "diverged"
                 say(f"memtrans train: diverged: {flags['reason']}")
+                if s < read_at:
+                    notes.append(f"diverged at step {s}, read at step {read_at} (train.log_every={tc.log_every}): "
+                                 f"the final checkpoint's weights have the updates of steps {s}..{read_at - 1}")
                 if main_rank:
-                    metrics.write({"step": step, "loss": loss_value, "grad_norm": grad_norm,
-                                   "lr": scheduler.get_last_lr()[0], "tokens": tokens, "tokens_per_s": 0.0,
-                                   "clipped": False, "time": round(wall(), 3), "diverged": True})
-                break
-            lr = scheduler.get_last_lr()[0]
-            if scaler is None:
-                optimizer.step()
-            else:
-                scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
-                scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens += n_tok
-            interval_tokens += n_tok
+                    metrics.write({"step": s, "loss": loss_value, "grad_norm": grad_norm, "lr": lr,
+                                   "tokens": tokens, "tokens_per_s": 0.0, "clipped": False, "time": round(wall(), 3),
+                                   "diverged": True})
+                return True
             last_loss = loss_value
-            if step % max(1, tc.log_every) == 0 or step == tc.steps:
-                now = time.time()
-                tps = interval_tokens / max(now - interval_start, 1e-9)
-                interval_tokens, interval_start = 0, now
-                rec = {"step": step, "loss": loss_value, "grad_norm": grad_norm, "lr": lr, "tokens": tokens,
+            if s % every == 0 or s == tc.steps:
+                tps = (tokens_after - logged_tokens) / max(now - interval_start, 1e-9)
+                logged_tokens, interval_start = tokens_after, now
+                rec = {"step": s, "loss": loss_value, "grad_norm": grad_norm, "lr": lr, "tokens": tokens_after,
                        "tokens_per_s": round(tps, 2), "clipped": bool(flags["clipped"]), "time": round(wall(), 3)}
                 if flags["loss_spike"] or flags["grad_spike"]:
                     rec.update(loss_spike=flags["loss_spike"], grad_spike=flags["grad_spike"])
@@ -558,17 +569,52 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
                     metrics.write(rec)
                     tb.log(rec)
                     bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:.0f}")
-            bar.update(1)
+        return False
+
+    try:
+        model.train()
+        while step < tc.steps:
+            s = step + 1
+            batch = next(stream)
+            model.reset_state(state, batch.new_doc)
+            n_tok = batch.num_tokens  # read on the host: the stream's batch lives there until copied
+            batch = to_device(batch, device)
+            with amp:
+                logits, state = forward(batch.tokens, state)
+            loss, _ = masked_loss(logits, batch.targets, batch.loss_mask, batch.tags, tc.tagged_loss_weight,
+                                  num_tokens=n_tok)
+            (loss if scaler is None else scaler.scale(loss)).backward()  # DDP all-reduces during it
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)  # a device tensor, read at the next read step
+            if ctx.enabled:
+                n_tok = int(D.sum_scalars([float(n_tok)], ctx, device)[0])
+            pending.append((s, scheduler.get_last_lr()[0], n_tok, tokens + n_tok, loss.detach(), grad_norm))
             stop = None
-            if tc.budget_tokens is not None and tokens >= tc.budget_tokens:
+            if tc.budget_tokens is not None and tokens + n_tok >= tc.budget_tokens:
                 stop = f"budget_tokens ({tc.budget_tokens})"
             elif tc.budget_minutes is not None and wall() >= tc.budget_minutes * 60:
                 stop = f"budget_minutes ({tc.budget_minutes})"
-            if D.any_flag(stop is not None, ctx, device):
+            stop_all = D.any_flag(stop is not None, ctx, device)
+            checkpoint_due = bool(tc.checkpoint_every) and s % tc.checkpoint_every == 0 and s < tc.steps
+            # The read comes before this step's update: a divergence at this very step leaves the weights before it.
+            if (s % every == 0 or s == tc.steps or stop_all or checkpoint_due) and read_pending():
+                optimizer.zero_grad(set_to_none=True)
+                break
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)  # skips the step when fp16 gradients overflowed (reads found_inf: a sync)
+                scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step, tokens = s, tokens + n_tok
+            bar.update(1)
+            if stop_all:
                 budget_hit = stop or "budget (another rank)"
                 say(f"memtrans train: stopping at step {step}: {budget_hit} reached")
                 break
-            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
+            if checkpoint_due:
                 checkpoint(False, "running")
                 write_status("running")
             if on_step is not None:
