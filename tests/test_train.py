@@ -147,6 +147,18 @@ def test_stability_tracker():
     assert StabilityTracker(0).update(1, math.nan, 1.0)["diverged"]
 
 
+def test_stability_tracker_counts_fp16_overflows_without_diverging():
+    """With a gradient scaler an inf gradient norm on a finite loss is an overflow the scaler skips."""
+    t = StabilityTracker(0, spike_window=3, scaled=True)
+    for s in range(1, 5):
+        t.update(s, 2.0, 0.5)
+    flags = t.update(5, 2.0, math.inf)
+    assert flags["overflow"] and not flags["diverged"] and not flags["grad_spike"]
+    assert t.summary()["overflows"] == 1 and list(t.grads) == [0.5, 0.5, 0.5]  # no inf in the history
+    assert t.update(6, math.nan, math.nan)["diverged"]  # a non-finite loss still diverges
+    assert StabilityTracker(0).update(1, 2.0, math.inf)["diverged"]  # without a scaler: as before
+
+
 @pytest.mark.parametrize("precision", ["bf16"])
 def test_bf16_autocast_runs(tmp_path, precision):
     s = train(tiny_config(tmp_path, steps=2, train={"precision": precision}), tmp_path / "run", quiet=True)

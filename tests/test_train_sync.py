@@ -168,3 +168,16 @@ def test_divergence_is_reported_at_its_step_whatever_log_every(tmp_path):
         assert rec == each[s], s
     assert any(f"step {d}" in n and "log_every" in n for n in b["notes"])
     assert not any("log_every" in n for n in a["notes"])
+
+
+def test_gradient_scaler_overflows_are_skipped_steps_not_a_divergence(tmp_path, monkeypatch):
+    """The fp16 path on CPU: a scaler whose first scales overflow fp32 (inf gradients); scaler.step skips those
+    steps and lowers the scale, and the run goes on (it used to end `diverged` at step 1)."""
+    from memtrans.train import trainer
+    monkeypatch.setattr(trainer, "grad_scaler", lambda precision, device: torch.amp.GradScaler("cpu", init_scale=2.0 ** 127))
+    cfg = tiny_config(tmp_path, steps=12, train={"log_every": 4, "checkpoint_every": 0})
+    s = train(cfg, tmp_path / "run", quiet=True)
+    assert s["status"] == "finished" and not s["diverged"] and s["steps"] == 12
+    assert 1 <= s["overflow_steps"] < 12
+    rows = _records(tmp_path / "run")
+    assert rows[12]["loss"] < rows[4]["loss"]  # trained once the scale fits

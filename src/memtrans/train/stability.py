@@ -4,7 +4,10 @@
   (needs at least min(spike_window, 10) earlier values);
 - clipped: the pre-clip gradient norm exceeded optim.grad_clip;
 - divergence: a NaN/inf loss or gradient norm at any step, or, once the reference exists, a loss above
-  `divergence_factor` x the reference = median loss of the first `spike_window` steps after warm-up.
+  `divergence_factor` x the reference = median loss of the first `spike_window` steps after warm-up;
+- overflow (`scaled=True`, fp16 with a gradient scaler): a non-finite gradient norm with a finite loss is an
+  fp16 overflow, whose step the scaler skips (lowering its scale); it is counted, not a divergence, and enters
+  no history.
 """
 from __future__ import annotations
 
@@ -15,9 +18,11 @@ from statistics import median
 
 class StabilityTracker:
     def __init__(self, warmup_steps: int, spike_window: int = 50, spike_factor: float = 2.0,
-                 divergence_factor: float = 4.0, grad_clip: float = 0.0):
+                 divergence_factor: float = 4.0, grad_clip: float = 0.0, scaled: bool = False):
         self.warmup_steps, self.window = max(0, warmup_steps), max(1, spike_window)
         self.spike_factor, self.divergence_factor, self.grad_clip = spike_factor, divergence_factor, grad_clip
+        self.scaled = scaled
+        self.overflows = 0
         self.losses: deque = deque(maxlen=self.window)
         self.grads: deque = deque(maxlen=self.window)
         self.reference_losses: list[float] = []
@@ -34,10 +39,14 @@ class StabilityTracker:
         return value > self.spike_factor * median(history)
 
     def update(self, step: int, loss: float, grad_norm: float) -> dict:
-        """Record step `step` (1-based). Returns flags {loss_spike, grad_spike, clipped, diverged, reason}."""
+        """Record step `step` (1-based). Returns flags {loss_spike, grad_spike, clipped, diverged, reason, overflow}."""
         self.steps += 1
-        out = {"loss_spike": False, "grad_spike": False, "clipped": False, "diverged": False, "reason": None}
-        if not math.isfinite(loss) or not math.isfinite(grad_norm):
+        out = {"loss_spike": False, "grad_spike": False, "clipped": False, "diverged": False, "reason": None,
+               "overflow": False}
+        if self.scaled and math.isfinite(loss) and not math.isfinite(grad_norm):
+            out["overflow"] = True
+            self.overflows += 1
+        elif not math.isfinite(loss) or not math.isfinite(grad_norm):
             what = "loss" if not math.isfinite(loss) else "gradient norm"
             out.update(diverged=True, reason=f"non-finite {what} at step {step}")
         else:
@@ -71,7 +80,8 @@ class StabilityTracker:
                 "clipped_fraction": self.clipped / self.steps if self.steps else 0.0,
                 "diverged": self.diverged_step is not None, "diverged_step": self.diverged_step,
                 "diverged_reason": self.diverged_reason, "loss_spike_steps": self.loss_spike_steps[-100:],
-                "grad_spike_steps": self.grad_spike_steps[-100:], "reference_loss": self.reference}
+                "grad_spike_steps": self.grad_spike_steps[-100:], "reference_loss": self.reference,
+                "overflows": self.overflows}
 
     def state_dict(self) -> dict:
         d = {k: v for k, v in vars(self).items()}

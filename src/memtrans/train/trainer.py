@@ -405,8 +405,10 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
     stream = DocumentStream(bundle.splits["train"], B, T, seed=tc.seed, loop=True, rank=ctx.rank,
                             world_size=ctx.world_size)
     state = model.init_state(B)
+    scaler = grad_scaler(tc.precision, device)  # fp16 only
+    # with a scaler, an inf gradient norm on a finite loss is an overflow that scaler.step skips, not a divergence
     tracker = StabilityTracker(cfg.optim.warmup_steps, tc.spike_window, tc.spike_factor, tc.divergence_factor,
-                               cfg.optim.grad_clip)
+                               cfg.optim.grad_clip, scaled=scaler is not None)
     torch.manual_seed(tc.seed * 1000 + ctx.rank + 1)  # per-rank RNG for dropout
     random.seed(tc.seed * 1000 + ctx.rank + 1)  # and the others, so that a run's RNG state is its own
     np.random.seed(tc.seed * 1000 + ctx.rank + 1)
@@ -513,6 +515,8 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
                    "precision": tc.precision, "init_from": init_info, "notes": notes}
         if checksums is not None:
             summary["rank_param_checksums"] = checksums
+        if scaler is not None:
+            summary["overflow_steps"] = stab["overflows"]  # fp16 steps the gradient scaler skipped
         return summary
 
     write_status("running")
@@ -520,7 +524,6 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
     bar = _progress(tc.steps, step, main_rank and not quiet)
     metrics = JsonLines(metrics_file) if main_rank else None
     amp = autocast_context(tc.precision, device)
-    scaler = grad_scaler(tc.precision, device)  # fp16 only
     if scaler is not None and scaler_state is not None:
         scaler.load_state_dict(scaler_state)
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip and cfg.optim.grad_clip > 0 else math.inf
