@@ -36,11 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     # Errors a user can cause or meet end in one line naming the file or field and the fix, never a stack
     # trace (MEMTRANS_DEBUG=1 shows it). SIGTERM and SIGINT stop a command cleanly (exit 128 + signal number).
-    from memtrans.utils import Interrupted, describe_os_error, handle_signals
+    from memtrans.utils import Interrupted, describe_os_error, handle_signals, stop_with_parent
 
     debug = os.environ.get("MEMTRANS_DEBUG", "") not in ("", "0")
     try:
         with handle_signals():
+            stop_with_parent()  # a child of `memtrans ablate` stops when the ablation is gone (even by SIGKILL)
             return int(module.main(rest) or 0)
     except ValueError as e:  # configuration and input errors
         if debug:

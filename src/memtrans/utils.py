@@ -261,6 +261,30 @@ def handle_signals(on_signal: Callable[[int, bool], None] | None = None,
             signal.signal(s, h)
 
 
+PARENT_ENV = "MEMTRANS_PARENT_PID"  # set by `memtrans ablate` for its children (see stop_with_parent)
+
+
+def stop_with_parent(poll_s: float = 1.0) -> bool:
+    """In a child of `memtrans ablate` (MEMTRANS_PARENT_PID in the environment): a daemon thread sends this
+    process SIGTERM once that parent is gone, however it went (SIGKILL included), so no orphan keeps training
+    and writing. SIGTERM ends the command as an interrupt (status interrupted, resumable). The children run in
+    sessions of their own, which a parent's SIGKILL never reaches; Linux's PR_SET_PDEATHSIG would fire when
+    the spawning *thread* ends, so the child watches its parent PID instead. Returns whether it watches."""
+    try:
+        parent = int(os.environ.get(PARENT_ENV, ""))
+    except ValueError:
+        return False
+    if parent <= 1:
+        return False
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()
+    return True
+
+
 def kill_at(point: str) -> None:
     """TEST ONLY: with MEMTRANS_TEST_KILL_AT=<point> in the environment, the process kills itself with SIGKILL
     when it reaches `point` (e.g. `after_final_checkpoint`), to test that no kill leaves a run it cannot finish.
