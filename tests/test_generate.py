@@ -200,6 +200,29 @@ def test_retrievals_describe_each_generated_token():
     assert torch.equal(diag[1]["retrieved_positions"][:, :, -1], records[0][1]["positions"])
 
 
+@torch.no_grad()
+def test_a_slot_reset_at_a_segment_boundary_then_decoding_and_a_reload_mid_segment():
+    # Slot 0 starts a new document at a boundary: its XL cache is masked in the decoding windows (the
+    # window's validity buffer) exactly as in the training forward; the state reloads mid-segment.
+    model = make()
+    doc = doc_of(4 * SEG + 3, seed=11)
+    state, ref = model.init_state(2), []
+    for i, s in enumerate(range(0, doc.shape[1], SEG)):
+        if i == 2:
+            model.reset_state(state, [0])
+        logits, state = (model if s + SEG <= doc.shape[1] else model.extend)(doc[:, s:s + SEG], state)
+        ref.append(logits)
+    state, inc = model.init_state(2), []
+    for t in range(doc.shape[1]):
+        if t == 2 * SEG:
+            model.reset_state(state, [0])
+        if t == 2 * SEG + 3:
+            state = model.load_state(state.state_dict())
+        logits, state = model.extend(doc[:, t:t + 1], state)
+        inc.append(logits)
+    assert (torch.cat(inc, 1) - torch.cat(ref, 1)).abs().max() < 1e-5
+
+
 # ---- the command ---------------------------------------------------------------------------------
 
 

@@ -62,6 +62,47 @@ def masked_softmax(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return logits.float().softmax(-1) * any_valid
 
 
+class KVWindow:
+    """One layer's local window in incremental decoding (MemorizingTransformer.extend): keys and values
+    [B, H, capacity, D] allocated once per segment (capacity = XL cache + segment_len), of which the first
+    `filled` are in use. Each call writes its new keys/values in place and attends over a view of the filled
+    part: the same keys, values and logits as concatenating the window with them, without a copy of the
+    window per token (which, twice per layer, was a third of the decoding time)."""
+
+    def __init__(self, capacity: int, prefix: tuple | None = None):
+        self.capacity = capacity
+        self.prefix = prefix  # (keys, values) [B, H, T0, D] the window starts with, until the buffers exist
+        self.keys = self.values = None
+        self.filled = 0 if prefix is None else prefix[0].shape[2]
+        if self.filled > capacity:
+            raise ValueError(f"a window of capacity {capacity} cannot start with {self.filled} keys")
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, H, T, D] after the filled part; returns views (keys, values) [B, H, filled, D]."""
+        B, H, T, D = k.shape
+        end = self.filled + T
+        if end > self.capacity:
+            raise ValueError(f"{T} new keys overflow the window ({self.filled} of {self.capacity} filled)")
+        if self.keys is None:  # the first tokens of the segment: allocate in the keys' dtype, copy the XL cache
+            self.keys, self.values = k.new_empty(B, H, self.capacity, D), v.new_empty(B, H, self.capacity, D)
+            if self.prefix is not None:
+                self.keys[:, :, :self.filled].copy_(self.prefix[0])
+                self.values[:, :, :self.filled].copy_(self.prefix[1])
+            self.prefix = None
+        elif self.keys.dtype != k.dtype:  # autocast switched mid-segment: the window follows, as a concatenation would
+            self.keys, self.values = self.keys.to(k.dtype), self.values.to(v.dtype)
+        self.keys[:, :, self.filled:end].copy_(k)
+        self.values[:, :, self.filled:end].copy_(v)
+        self.filled = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def filled_kv(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(keys, values) [B, H, filled, D] in use (views), or None for an empty window."""
+        if self.keys is None:
+            return self.prefix
+        return self.keys[:, :, :self.filled], self.values[:, :, :self.filled]
+
+
 class Attention(nn.Module):
     # Reuse the retrieval's scores as the memory logits when they are fp32 inner products (see _with_memory);
     # False always recomputes them (the reference path the tests compare against).
@@ -102,9 +143,11 @@ class Attention(nn.Module):
         """x [B, T, dim] -> (out [B, T, dim], (k, v) of these T tokens for the next segment's XL cache).
 
         `xl` holds the keys/values that precede these T queries in the local window: the previous segment's
-        (the XL cache) in training; in incremental decoding (MemorizingTransformer.extend) the XL cache
-        followed by the current segment's earlier tokens. The queries are the last T of the window, so the
-        causal mask and the T5 bias are the same as in one forward over the whole segment.
+        (the XL cache, a (keys, values) pair) in training; in incremental decoding (MemorizingTransformer.extend)
+        a KVWindow holding the XL cache followed by the current segment's earlier tokens, to which these T
+        tokens' keys/values are written in place; `xl_valid` then covers the whole window, these T included.
+        The queries are the last T of the window, so the causal mask and the T5 bias are the same as in one
+        forward over the whole segment.
         `write_memory=False` retrieves without writing (the caller writes the segment once it is complete)."""
         B, T, _ = x.shape
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
@@ -116,20 +159,25 @@ class Attention(nn.Module):
 
         # Local window: XL cache of the previous segment (if any) + this segment, causal, T5 bias.
         # xl_valid None: every cached key is valid (the caller knows it on the host: no slot was reset since).
-        if xl is not None:
+        if isinstance(xl, KVWindow):  # decoding: written in place, the window's filled part attended
+            keys, values = xl.append(k, v)
+            key_valid = xl_valid  # [B, L]: already covers these T tokens
+        elif xl is not None:
             keys, values = torch.cat([xl[0].to(k.dtype), k], 2), torch.cat([xl[1].to(v.dtype), v], 2)
             key_valid = None if xl_valid is None else torch.cat([xl_valid, xl_valid.new_ones(B, T)], 1)
         else:
             keys, values, key_valid = k, v, None
         L = keys.shape[2]
-        causal = torch.ones(T, L, dtype=torch.bool, device=x.device).tril(L - T)
         # Additive mask in q's dtype: T5 bias, -inf where not allowed. [1, H, T, L] while every key is valid
         # (almost every segment): a per-slot [B, H, T, L] copy costs as much as the attention itself on CPU.
-        # Whether a mask is needed is decided on the host (no bool() of a device tensor: no sync per layer).
-        allowed = causal[None, None]  # [1, 1, T, L]
-        if key_valid is not None:
-            allowed = allowed & key_valid[:, None, None, :]  # [B, 1, T, L]
-        bias = self.rel_bias(T, L).to(q.dtype)[None].masked_fill(~allowed, float("-inf"))
+        # Whether a mask is needed is decided on the host (no bool() of a device tensor: no sync per layer);
+        # a single query with every key valid (decoding) sees the whole window: the bias alone.
+        bias = self.rel_bias(T, L).to(q.dtype)[None]  # [1, H, T, L]
+        if T > 1 or key_valid is not None:
+            allowed = torch.ones(T, L, dtype=torch.bool, device=x.device).tril(L - T)[None, None]  # [1, 1, T, L]
+            if key_valid is not None:
+                allowed = allowed & key_valid[:, None, None, :]  # [B, 1, T, L]
+            bias = bias.masked_fill(~allowed, float("-inf"))
 
         if self.use_memory:
             out = self._with_memory(x, q, q_scaled, keys, values, bias, memory, positions, diagnostics)

@@ -26,7 +26,7 @@ import torch.nn as nn
 from memtrans.config import ModelConfig
 from memtrans.memory import MemoryBackend, make_memory
 from memtrans.memory.base import device_mask, host_slots
-from memtrans.model.attention import Attention
+from memtrans.model.attention import Attention, KVWindow
 from memtrans.model.layers import FeedForward, RMSNorm
 
 
@@ -39,8 +39,9 @@ class ModelState:
     positions: torch.Tensor  # [B] long: tokens of the current document already seen per slot
     memories: dict[int, MemoryBackend] = field(default_factory=dict)  # layer index -> memory
     # A partial segment consumed by `extend` (not yet written to memory nor rolled into the XL cache):
-    # per layer the local window (keys, values) [B, H, T_prev + pending_len, D] = XL cache + the segment so
-    # far, its validity [B, T_prev + pending_len], and the number of tokens of the segment so far (all slots).
+    # per layer the local window (a KVWindow: keys, values [B, H, T_prev + segment_len, D] allocated once per
+    # segment, of which T_prev + pending_len are filled: XL cache + the segment so far), its validity
+    # [B, T_prev + segment_len] (the unfilled part True), and the number of tokens of the segment so far.
     window: list | None = None
     window_valid: torch.Tensor | None = None
     pending_len: int = 0
@@ -54,13 +55,20 @@ class ModelState:
 
     def state_dict(self) -> dict:
         pair = lambda c: None if c is None else (c[0].cpu(), c[1].cpu())
+        copy = lambda c: None if c is None else (c[0].to("cpu", copy=True), c[1].to("cpu", copy=True))
         return {"xl": [pair(c) for c in self.xl],
                 "xl_valid": None if self.xl_valid is None else self.xl_valid.cpu(),
                 "positions": self.positions.cpu(),
                 "memories": {i: m.state_dict() for i, m in self.memories.items()},
-                "window": None if self.window is None else [pair(c) for c in self.window],
-                "window_valid": None if self.window_valid is None else self.window_valid.cpu(),
+                # the filled part only, copied out of the buffers: [B, H, T_prev + pending_len, D] per layer,
+                # validity [B, T_prev + pending_len]
+                "window": None if self.window is None else [copy(w.filled_kv()) for w in self.window],
+                "window_valid": None if self.window_valid is None else
+                self.window_valid[:, :self._filled()].to("cpu", copy=True),
                 "pending_len": self.pending_len}
+
+    def _filled(self) -> int:
+        return self.window[0].filled if self.window else 0
 
 
 class Block(nn.Module):
@@ -154,10 +162,22 @@ class MemorizingTransformer(nn.Module):
         for i, m in state.memories.items():
             m.load_state_dict(d["memories"][i])
         if d.get("window") is not None:  # a partial segment consumed by extend (absent in older checkpoints)
-            state.window = [None if c is None else (c[0].to(dev), c[1].to(dev)) for c in d["window"]]
-            state.window_valid = None if d["window_valid"] is None else d["window_valid"].to(dev)
             state.pending_len = int(d["pending_len"])
+            kv = [None if c is None else (c[0].to(dev), c[1].to(dev)) for c in d["window"]]
+            filled = next((c[0].shape[2] for c in kv if c is not None), 0)
+            self._open_window(state, [c if c is None or c[0].shape[2] else None for c in kv],
+                              None if d["window_valid"] is None else d["window_valid"].to(dev),
+                              filled + self.cfg.segment_len - state.pending_len)
         return state
+
+    def _open_window(self, state: ModelState, prefix: list, prefix_valid: torch.Tensor | None, capacity: int):
+        """Per layer a KVWindow of `capacity` starting with prefix[i] (keys, values) or empty, and one validity
+        buffer [B, capacity]: prefix_valid (True where None) and True for the tokens to come."""
+        state.window = [KVWindow(capacity, p) for p in prefix]
+        valid = torch.ones(state.batch_size, capacity, dtype=torch.bool, device=self.device)
+        if prefix_valid is not None:
+            valid[:, :prefix_valid.shape[1]].copy_(prefix_valid)
+        state.window_valid = valid
 
     def forward(self, tokens: torch.Tensor, state: ModelState | None = None, diagnostics: dict | None = None):
         """tokens [B, T] -> (logits [B, T, vocab] float32, state advanced by T tokens).
@@ -267,18 +287,16 @@ class MemorizingTransformer(nn.Module):
         S, depth = self.cfg.segment_len, self.cfg.depth
         if state.window is None:  # a segment starts: its window begins with the previous segment (XL cache)
             xl = state.xl if self.cfg.xl_cache else [None] * depth
-            state.window = list(xl)
-            state.window_valid = state.xl_valid if self.cfg.xl_cache and any(c is not None for c in xl) else None
-        window_valid = state.window_valid if state.xl_masked else None
-        logits, kvs = self._blocks(tokens, state, state.window, window_valid, diagnostics, write_memory=False)
-        state.window = [kv if w is None else (torch.cat([w[0], kv[0]], 2), torch.cat([w[1], kv[1]], 2))
-                        for w, kv in zip(state.window, kvs)]
-        ones = torch.ones(B, n, dtype=torch.bool, device=tokens.device)
-        state.window_valid = ones if state.window_valid is None else torch.cat([state.window_valid, ones], 1)
+            prev = next((c[0].shape[2] for c in xl if c is not None), 0)
+            self._open_window(state, list(xl), state.xl_valid if prev else None, prev + S)
+        # Every block writes its n keys/values into its window in place and attends over the filled part.
+        filled = state._filled() + n
+        window_valid = state.window_valid[:, :filled] if state.xl_masked else None
+        logits, _ = self._blocks(tokens, state, state.window, window_valid, diagnostics, write_memory=False)
         state.pending_len += n
         state.positions = state.positions + n
         if state.pending_len == S:  # the segment is complete: write it to memory, roll the XL cache
-            seg = [(w[0][:, :, -S:].contiguous(), w[1][:, :, -S:].contiguous()) for w in state.window]
+            seg = [(w.keys[:, :, -S:].contiguous(), w.values[:, :, -S:].contiguous()) for w in state.window]
             seg_positions = state.positions[:, None] - S + torch.arange(S, device=tokens.device)[None, :]
             for i, memory in state.memories.items():
                 memory.add(seg[i][0], seg[i][1], seg_positions)
