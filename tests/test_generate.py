@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from memtrans import MemorizingTransformer, ModelConfig
 from memtrans.config import GATES
@@ -221,6 +222,77 @@ def test_a_slot_reset_at_a_segment_boundary_then_decoding_and_a_reload_mid_segme
         logits, state = model.extend(doc[:, t:t + 1], state)
         inc.append(logits)
     assert (torch.cat(inc, 1) - torch.cat(ref, 1)).abs().max() < 1e-5
+
+
+class HostReads(TorchFunctionMode):
+    """Counts tensor calls that read a value on the host (on a GPU: a synchronisation); see test_gpu_ready."""
+    READS = {"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "cpu", "nonzero"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads, self.calls = 0, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        self.calls += 1
+        to_host = name == "to" and any(isinstance(a, str) and a.startswith("cpu") for a in (*args[1:], kwargs.get("device")))
+        self.reads += name in self.READS or to_host
+        return func(*args, **kwargs)
+
+
+@pytest.fixture
+def device_path(monkeypatch):
+    """The code a GPU runs, on CPU: the torch reference retrieval, device-side checks, no torch.multinomial
+    (whose two internal .item() calls no spy sees)."""
+    from memtrans.memory import ExactMemory
+    monkeypatch.setattr(ExactMemory, "use_fast", False)
+    monkeypatch.setattr(MemorizingTransformer, "host_reads", False)
+
+    def multinomial(*a, **k):
+        raise AssertionError("torch.multinomial reads the distribution on the host")
+    monkeypatch.setattr(torch, "multinomial", multinomial)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("sampled", [False, True])
+def test_decoding_reads_the_host_once_per_16_tokens_at_most(device_path, sampled):
+    model = make()
+    prompt = doc_of(SEG + 3, seed=12)
+    kw = dict(temperature=0.8, top_k=8, generator=torch.Generator().manual_seed(0)) if sampled else dict(temperature=0)
+    n = 3 * SEG + 16 + 5  # 45 tokens across three segment boundaries (memory written, windows reopened)
+    with HostReads() as spy:
+        free, _ = model.generate(prompt, None, n, **kw)
+    assert spy.calls > 20 * n and spy.reads == 0  # no stop: no host read at all
+    never = V  # an id no row produces: the stop condition is read and never met
+    with HostReads() as spy:
+        again, _ = model.generate(prompt, None, n, stop=never, **{**kw, "generator": torch.Generator().manual_seed(0)})
+    assert torch.equal(again, free) and spy.reads == -(-n // 16)  # at 16, 32 and the last token
+    with HostReads() as spy:  # the spy sees the per-token reads of stop_every=1
+        model.generate(prompt, None, n, stop=never, stop_every=1, **{**kw, "generator": torch.Generator().manual_seed(0)})
+    assert spy.reads == n
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("stop_every", [None, 16, 5, 1])
+def test_stop_read_every_few_tokens_cuts_where_the_per_token_read_does(monkeypatch, stop_every):
+    # Two rows stopping at different tokens: the output is cut after the token at which the second one
+    # stopped, whichever token the stop condition was read at; the host path (one read per token) is the reference.
+    model = make()
+    prompt = doc_of(SEG + 3, seed=13)
+    free, _ = model.generate(prompt, None, 40, temperature=0)
+    stop = int(free[1, 20])  # a later token of row 1: row 0 holds it earlier, later or never
+    hit = free == stop
+    last = int(torch.where(hit.any(1), hit.int().argmax(1), 40).max())
+    ref, ref_state = model.generate(prompt, None, 40, temperature=0, stop=stop)
+    assert ref.shape[1] == min(last + 1, 40) and torch.equal(ref, free[:, :ref.shape[1]])
+    monkeypatch.setattr(MemorizingTransformer, "host_reads", False)
+    cut, state = model.generate(prompt, None, 40, temperature=0, stop=stop, stop_every=stop_every)
+    assert torch.equal(cut, ref)
+    every = 16 if stop_every is None else stop_every
+    assert int(state.positions[0]) == prompt.shape[1] + min(-(-ref.shape[1] // every) * every, 40)
+    with pytest.raises(ValueError, match="stop_every"):
+        model.generate(prompt, None, 4, stop=stop, stop_every=0)
 
 
 # ---- the command ---------------------------------------------------------------------------------

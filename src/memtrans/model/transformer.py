@@ -259,8 +259,13 @@ class MemorizingTransformer(nn.Module):
         `state.window` (call `forward` again only after it completes). `diagnostics` describes the last
         chunk (the tokens after the last segment boundary crossed).
         """
+        return self._extend(tokens, state, diagnostics, check=True)
+
+    def _extend(self, tokens, state, diagnostics, check: bool):
+        """extend; `check=False` skips the token id check (generate's sampled ids lie in range by construction)."""
         B, T = tokens.shape
-        self._check_tokens(tokens)
+        if check:
+            self._check_tokens(tokens)
         if state is None:
             state = self.init_state(B)
         if state.batch_size != B:
@@ -310,7 +315,7 @@ class MemorizingTransformer(nn.Module):
     def generate(self, tokens: torch.Tensor, state: ModelState | None = None, max_new_tokens: int = 64,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  stop=None, generator: torch.Generator | None = None, retrievals: list | None = None,
-                 progress=None):
+                 progress=None, stop_every: int | None = None):
         """Stream the prompt `tokens` [B, T] (T >= 1) through the model, then sample up to `max_new_tokens`.
 
         Returns (new tokens [B, n] long, state). The prompt goes in segment by segment exactly as in training
@@ -321,7 +326,12 @@ class MemorizingTransformer(nn.Module):
         restricted to the `top_k` most likely tokens and/or the smallest set whose mass reaches `top_p`,
         drawn with `generator` (seeded: reproducible). `stop` (a token id or a collection of ids) ends
         generation once every row has produced one (rows that stopped earlier keep being sampled; cut them
-        at their first stop token). `retrievals`, if a list, receives per generated token
+        at their first stop token). Whether every row has stopped is read on the host every `stop_every`
+        tokens: None = every token where the model reads tensors on the host (CPU), every 16 on a device, where
+        each read waits for the device. The tokens returned are the same either way (cut after the token at
+        which the last row stopped), but on a device the state may then have consumed up to 15 tokens past
+        them (`state.positions` counts them); `stop_every=1` keeps it exact at one host read per token.
+        `retrievals`, if a list, receives per generated token
         {layer: {"positions": [B, H, k] long, "weights": [B, H, k], "share": [B, H], "gate": [H] | None}}:
         what each memory layer retrieved for the query that predicted the token (document positions, -1
         where invalid; the attention weight of each entry) and the share of the head output from memory.
@@ -332,6 +342,8 @@ class MemorizingTransformer(nn.Module):
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         check_sampling(temperature, top_k, top_p)
+        if stop_every is not None and stop_every < 1:
+            raise ValueError(f"stop_every must be >= 1, got {stop_every}")
         B, T = tokens.shape
         state = self.init_state(B) if state is None else state
         stop_ids = None
@@ -348,25 +360,37 @@ class MemorizingTransformer(nn.Module):
             if progress is not None:
                 progress(n)
         next_logits = logits[:, -1]
-        out = []
-        done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
-        for _ in range(max_new_tokens):
+        if stop_every is None:
+            stop_every = 1 if self._reads_on_host(tokens.device) else 16
+        out, checked = [], 0  # tokens generated; how many of them the last read of the stop condition covered
+        done = checked_done = torch.zeros(B, dtype=torch.bool, device=tokens.device)  # row has produced a stop id
+        for step in range(max_new_tokens):
             tok = sample_next(next_logits, temperature, top_k, top_p, generator)
             out.append(tok)
             if want_diag:
                 retrievals.append(_last_query_retrievals(diag))
             diag = {} if want_diag else None
-            logits, state = self.extend(tok[:, None], state, diag)
+            logits, state = self._extend(tok[:, None], state, diag, check=False)  # sampled ids lie in range
             next_logits = logits[:, -1]
             if stop_ids is not None:
-                done |= torch.isin(tok, stop_ids)
-                if bool(done.all()):  # one host sync per token, in the decoding loop (not the forward)
-                    break
+                done = done | torch.isin(tok, stop_ids)
+                if (step + 1) % stop_every == 0 or step + 1 == max_new_tokens:
+                    if bool(done.all()):  # the one host read: every stop_every tokens
+                        out = out[:checked + _tokens_until_all_stopped(out[checked:], checked_done, stop_ids)]
+                        break
+                    checked, checked_done = len(out), done
         new = torch.stack(out, 1) if out else tokens.new_zeros(B, 0)
         return new, state
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _tokens_until_all_stopped(recent: list, done_before: torch.Tensor, stop_ids: torch.Tensor) -> int:
+    """Of the tokens `recent` ([B] each) generated after rows `done_before` [B] had stopped, how many up to and
+    including the one after which every row has produced a stop id (some must have)."""
+    stopped = torch.isin(torch.stack(recent, 1), stop_ids).cumsum(1).bool() | done_before[:, None]  # [B, m]
+    return int((~stopped.all(0)).sum()) + 1
 
 
 def _last_query_retrievals(diag: dict) -> dict:
@@ -403,6 +427,11 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         outside[..., 0] = False
         logits = logits.masked_fill(torch.zeros_like(outside).scatter(-1, order, outside), float("-inf"))
     probs = logits.softmax(-1)
-    if generator is not None and generator.device != probs.device:
-        probs = probs.to(generator.device)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
+    # The draw torch.multinomial(probs, 1) makes, argmax(probs / q) with q ~ Exp(1) from the same generator
+    # stream, without its host reads (multinomial checks the distribution with two .item() calls: two syncs
+    # per token on a GPU). A generator on another device (the CLI's CPU one) draws q there; q then travels.
+    q = torch.empty(probs.shape, dtype=probs.dtype, device=probs.device if generator is None else generator.device)
+    q.exponential_(1, generator=generator)
+    if q.device != probs.device:
+        q = q.pin_memory().to(probs.device, non_blocking=True) if probs.device.type == "cuda" else q.to(probs.device)
+    return (probs / q).argmax(-1)
