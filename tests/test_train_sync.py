@@ -181,3 +181,46 @@ def test_gradient_scaler_overflows_are_skipped_steps_not_a_divergence(tmp_path, 
     assert 1 <= s["overflow_steps"] < 12
     rows = _records(tmp_path / "run")
     assert rows[12]["loss"] < rows[4]["loss"]  # trained once the scale fits
+
+
+@pytest.mark.slow
+def test_two_processes_read_and_all_reduce_at_the_log_steps_only(tmp_path):
+    """Under torchrun (2 CPU processes, gloo) the losses and token counts are all-reduced at the reads: the
+    metrics and summary are those of the run that reads every step."""
+    import yaml
+    from test_distributed import ok, torchrun, untimed
+
+    runs = {}
+    for log_every in (1, 3):
+        d = tiny_config(tmp_path, steps=8, train={"log_every": log_every, "checkpoint_every": 0}).to_dict()
+        (tmp_path / f"c{log_every}.yaml").write_text(yaml.safe_dump(d))
+        runs[log_every] = tmp_path / f"run{log_every}"
+        ok(torchrun(tmp_path / f"c{log_every}.yaml", runs[log_every]))
+    each, sparse = _records(runs[1]), _records(runs[3])
+    assert sorted(sparse) == [3, 6, 8] and all(sparse[s] == each[s] for s in sparse)
+    a, b = (untimed(json.loads((runs[k] / "summary.json").read_text())) for k in (1, 3))
+    assert a["world_size"] == 2 and a == b  # rank_param_checksums included: the same weights
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_cuda_training_steps_between_reads_never_synchronise(tmp_path, monkeypatch):
+    """On a GPU, torch reports every synchronising CUDA call (blocking copies, item, nonzero, ...): none in the
+    steps after the first (allocations, caches) that are not read steps."""
+    import warnings
+    draw, seen = stream_module.DocumentStream.__next__, {}
+
+    def next_batch(self):
+        b = draw(self)
+        seen[self.batches] = sum("synchroniz" in str(w.message) for w in caught)  # syncs before step `batches`
+        return b
+    monkeypatch.setattr(stream_module.DocumentStream, "__next__", next_batch)
+    cfg = tiny_config(tmp_path, steps=12, train={"device": "cuda", "log_every": 5, "checkpoint_every": 0})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train(cfg, tmp_path / "run", quiet=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = {k: seen[k + 1] - seen[k] for k in range(2, 12) if k not in (5, 10)}
+    assert not any(syncs.values()), (syncs, [str(w.message) for w in caught if "synchroniz" in str(w.message)][:5])

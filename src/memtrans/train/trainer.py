@@ -11,8 +11,9 @@ in one transfer and fed to the stability tracker in order, so metrics.jsonl and 
 reading every step. The read comes before that step's update; a divergence (non-finite or exploding loss)
 is reported at the step it happened, but found at the next read, so the steps between it and the read have
 updated the weights (a note in the summary says so; `train.log_every: 1` reads every step, as before). With
-fp16 the gradient scaler reads its overflow flag every step (inside torch), and with several processes the
-token count and the stop decision are all-reduced and read every step.
+fp16 the gradient scaler reads its overflow flag every step (inside torch; an overflow is a skipped step, not a
+divergence). With several processes losses and token counts are all-reduced at the reads too; only a
+`train.budget_*` makes every step all-reduce and read the stop decision (and the token count, for tokens).
 """
 from __future__ import annotations
 
@@ -530,10 +531,13 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
     budget_hit = None
     final_status = "finished"
     every = max(1, tc.log_every)
-    # Steps whose loss and gradient norm are still device tensors: (step, lr, tokens, tokens after it, loss,
-    # grad norm). They are read on the host together at the next read step: a log step, a checkpoint step, a
-    # budget stop or the last step.
+    # Steps whose loss and gradient norm are still device tensors: (step, lr, token count, loss, grad norm).
+    # They are read on the host together at the next read step: a log step, a checkpoint step, a budget stop
+    # or the last step; `tokens` counts the steps read. With several processes the token counts are summed
+    # over the ranks then too, unless a token budget needs the global count at every step.
     pending: list[tuple] = []
+    sum_each_step = ctx.enabled and tc.budget_tokens is not None
+    budgeted = tc.budget_tokens is not None or tc.budget_minutes is not None
     logged_tokens, interval_start = tokens, time.time()
 
     def read_pending() -> bool:
@@ -541,16 +545,19 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
         the records of their log steps: the tracker, metrics.jsonl and the summary see exactly what reading every
         step would show. True when one of them diverged: step, tokens and last_loss then stop at that step."""
         nonlocal step, tokens, last_loss, final_status, logged_tokens, interval_start
-        values = torch.stack([t.detach().to(torch.float64) for p in pending for t in p[4:]]).tolist()
+        values = torch.stack([t.detach().to(torch.float64) for p in pending for t in p[3:]]).tolist()
         losses = D.mean_scalars(values[0::2], ctx, device)
         norms = values[1::2]
+        counts = [p[2] for p in pending]
+        if ctx.enabled and not sum_each_step:
+            counts = [int(c) for c in D.sum_scalars([float(c) for c in counts], ctx, device)]
         read_at, now = pending[-1][0], time.time()
         entries = pending.copy()
         pending.clear()
-        for (s, lr, n_tok, tokens_after, _, _), loss_value, grad_norm in zip(entries, losses, norms):
+        for (s, lr, _, _, _), n_tok, loss_value, grad_norm in zip(entries, counts, losses, norms):
             flags = tracker.update(s, loss_value, grad_norm)
             if flags["diverged"]:
-                step, tokens, final_status = s, tokens_after - n_tok, "diverged"
+                step, final_status = s, "diverged"
                 say(f"memtrans train: diverged: {flags['reason']}")
                 if s < read_at:
                     notes.append(f"diverged at step {s}, read at step {read_at} (train.log_every={tc.log_every}): "
@@ -561,10 +568,11 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
                                    "diverged": True})
                 return True
             last_loss = loss_value
+            tokens += n_tok
             if s % every == 0 or s == tc.steps:
-                tps = (tokens_after - logged_tokens) / max(now - interval_start, 1e-9)
-                logged_tokens, interval_start = tokens_after, now
-                rec = {"step": s, "loss": loss_value, "grad_norm": grad_norm, "lr": lr, "tokens": tokens_after,
+                tps = (tokens - logged_tokens) / max(now - interval_start, 1e-9)
+                logged_tokens, interval_start = tokens, now
+                rec = {"step": s, "loss": loss_value, "grad_norm": grad_norm, "lr": lr, "tokens": tokens,
                        "tokens_per_s": round(tps, 2), "clipped": bool(flags["clipped"]), "time": round(wall(), 3)}
                 if flags["loss_spike"] or flags["grad_spike"]:
                     rec.update(loss_spike=flags["loss_spike"], grad_spike=flags["grad_spike"])
@@ -590,15 +598,15 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
             if scaler is not None:
                 scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)  # a device tensor, read at the next read step
-            if ctx.enabled:
+            if sum_each_step:
                 n_tok = int(D.sum_scalars([float(n_tok)], ctx, device)[0])
-            pending.append((s, scheduler.get_last_lr()[0], n_tok, tokens + n_tok, loss.detach(), grad_norm))
+            pending.append((s, scheduler.get_last_lr()[0], n_tok, loss.detach(), grad_norm))
             stop = None
-            if tc.budget_tokens is not None and tokens + n_tok >= tc.budget_tokens:
+            if tc.budget_tokens is not None and tokens + sum(p[2] for p in pending) >= tc.budget_tokens:
                 stop = f"budget_tokens ({tc.budget_tokens})"
             elif tc.budget_minutes is not None and wall() >= tc.budget_minutes * 60:
                 stop = f"budget_minutes ({tc.budget_minutes})"
-            stop_all = D.any_flag(stop is not None, ctx, device)
+            stop_all = budgeted and D.any_flag(stop is not None, ctx, device)  # every rank has the same budgets
             checkpoint_due = bool(tc.checkpoint_every) and s % tc.checkpoint_every == 0 and s < tc.steps
             # The read comes before this step's update: a divergence at this very step leaves the weights before it.
             if (s % every == 0 or s == tc.steps or stop_all or checkpoint_due) and read_pending():
@@ -611,7 +619,7 @@ def _train(cfg: Config, run_dir: Path, ctx: D.DistContext, device: torch.device,
                 scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step, tokens = s, tokens + n_tok
+            step = s
             bar.update(1)
             if stop_all:
                 budget_hit = stop or "budget (another rank)"
