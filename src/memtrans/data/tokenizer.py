@@ -147,7 +147,8 @@ def get_tokenizer(kind: str, train_texts: list[str] | None = None, vocab_size: i
     if kind == "byte":
         return ByteTokenizer(), {"tokenizer": "byte"}
     if kind != "bpe":
-        raise ValueError(f"data.tokenizer: {kind!r} is not allowed; choose one of byte, bpe")
+        from memtrans.config import TOKENIZERS
+        raise ValueError(f"data.tokenizer: {kind!r} is not allowed; choose one of {', '.join(TOKENIZERS)}")
     if not train_texts:
         raise ValueError("data.tokenizer=bpe: there is no training text to train the BPE on")
     h = hashlib.sha256()

@@ -14,10 +14,7 @@ import math
 import torch
 import torch.nn as nn
 
-from memtrans.config import OptimConfig
-
-OPTIMIZERS = ("adamw", "adafactor")
-SCHEDULES = ("cosine", "rsqrt", "constant")
+from memtrans.config import OPTIMIZERS, SCHEDULES, OptimConfig  # allowed values live with the config checks
 
 
 def no_decay(name: str, p: torch.Tensor) -> bool:
