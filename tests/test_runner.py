@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -197,6 +198,48 @@ def test_pretrain_steps_trains_one_no_memory_model_and_every_run_starts_from_it(
     assert again.calls == []
     with pytest.raises(ValueError, match="excludes --init-from"):
         ablate(tmp_path, FakeRun(), "--pretrain-steps", "7", "--init-from", str(pre))
+
+
+def test_a_lost_pretrain_is_not_retrained_when_its_runs_are_finished(tmp_path, monkeypatch, capsys):
+    """Published results come without runs/pretrain (a fresh clone): re-running the command trains nothing, and
+    the runs keep their names; a pretrain is trained again only for a run still to do."""
+    import shutil
+    monkeypatch.chdir(tmp_path)
+    first = FakeRun()
+    assert ablate(tmp_path, first, "--only", "Memory Ablation", "--pretrain-steps", "7") == 0
+    pre, *runs = first.calls
+    shutil.rmtree(tmp_path / "runs")  # the pretrain is gone
+    again = FakeRun()
+    assert ablate(tmp_path, again, "--only", "Memory Ablation", "--pretrain-steps", "7") == 0
+    assert again.calls == [] and "not needed (2 runs from it are finished)" in capsys.readouterr().err
+    shutil.rmtree(runs[0])  # one run to do: its pretrain is trained again, at the same path, then the run
+    third = FakeRun()
+    assert ablate(tmp_path, third, "--only", "Memory Ablation", "--pretrain-steps", "7") == 0
+    assert third.calls == [pre, runs[0]]
+
+
+def test_a_finished_training_keeps_its_status_when_its_eval_fails(tmp_path):
+    """A run directory is one run: eval failing after a finished training is recorded in error.txt and the
+    ablation's statuses, not by rewriting the training's status.json."""
+    run = tmp_path / "r"
+    run.mkdir()
+    done = {"status": "finished", "step": 5, "error": None}
+    (run / "status.json").write_text(json.dumps(done))
+    assert runner.record_outcome(run, RunOutcome(2, "memtrans eval: error: no checkpoint\n", "memtrans eval r")) == "failed"
+    assert json.loads((run / "status.json").read_text()) == done
+    assert "exit code 2 from: memtrans eval r" in (run / "error.txt").read_text()
+    (run / "status.json").write_text(json.dumps({"status": "running", "step": 3}))  # training itself failed
+    assert runner.record_outcome(run, RunOutcome(1, "boom\n", "memtrans train r")) == "failed"
+    assert json.loads((run / "status.json").read_text())["status"] == "failed"
+
+
+def test_children_are_told_their_parent(tmp_path, monkeypatch):
+    """run_subprocess puts this process's PID in MEMTRANS_PARENT_PID, so a child stops if ablate dies."""
+    out = tmp_path / "r"
+    out.mkdir()
+    cmd = [sys.executable, "-c", "import os; print(os.environ['MEMTRANS_PARENT_PID'])"]
+    assert runner.run_subprocess(out, [cmd]).returncode == 0
+    assert (out / "stdout.log").read_text().strip() == str(os.getpid())
 
 
 def test_ray_executor_runs_the_plan_when_ray_is_installed(tmp_path):

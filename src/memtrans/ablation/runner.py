@@ -31,7 +31,7 @@ from memtrans.ablation.plan import (BASELINE, ResolvedPlan, RunSpec, estimate_co
                                     resolve)
 from memtrans.config import Config, apply_overrides, config_from_dict, parse_override, save_config
 from memtrans.device import policy_of, resolve_config
-from memtrans.utils import (DirLock, Interrupted, atomic_write_json, atomic_write_text, clean_stale_tmp,
+from memtrans.utils import (PARENT_ENV, DirLock, Interrupted, atomic_write_json, atomic_write_text, clean_stale_tmp,
                             handle_signals, read_json, stale_lock_note)
 
 DONE_STATUSES = ("finished", "diverged")
@@ -93,6 +93,7 @@ def run_subprocess(run_dir: Path, commands: list[list[str]], threads: int | None
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env.update(extra_env)
     env["PYTHONWARNINGS"] = ",".join(w for w in (env.get("PYTHONWARNINGS"), CHILD_WARNING_FILTER) if w)
+    env[PARENT_ENV] = str(os.getpid())  # the child stops if this process dies, SIGKILL included (stop_with_parent)
     for cmd in commands:
         if STOPPED:
             return RunOutcome(128 + STOPPED[0], "stopped before it started\n", shlex.join(cmd))
@@ -149,6 +150,7 @@ def record_outcome(run_dir: Path, outcome: RunOutcome) -> str:
     status = read_json(run_dir / "status.json") or {}
     if outcome.returncode == 0 and is_done(run_dir):
         return status["status"]
+    trained = status.get("status") in DONE_STATUSES  # training finished; a later command (eval) failed
     if outcome.returncode == 0:
         error = "the commands succeeded but status.json is not finished/diverged or eval.json is missing"
     else:
@@ -156,7 +158,8 @@ def record_outcome(run_dir: Path, outcome: RunOutcome) -> str:
     atomic_write_text(run_dir / "error.txt", f"{error}\n\n{outcome.stderr_tail}".rstrip() + "\n")
     lines = [ln for ln in outcome.stderr_tail.strip().splitlines() if ln.strip()]
     summary = f"{error}: {lines[-1].strip()}" if lines else error
-    atomic_write_json(run_dir / "status.json", {**status, "status": "failed", "error": summary})
+    if not trained:  # a finished training's status.json stays as train wrote it (a run directory is one run)
+        atomic_write_json(run_dir / "status.json", {**status, "status": "failed", "error": summary})
     return "failed"
 
 
@@ -501,7 +504,7 @@ def execute(resolved: ResolvedPlan, out: Path, executor: Executor, meta: dict | 
                 if status.get("status") in ("running", "interrupted") or (job.spec.hash in begun and not status):
                     atomic_write_json(job.run_dir / "status.json", {
                         **status, "status": "interrupted",
-                        "error": f"stopped by {e} of memtrans ablate; run the same command again to resume it"})
+                        "error": f"{e} (memtrans ablate stopped); run the same command again to resume it"})
                     statuses[job.spec.hash] = "interrupted"
         raise
     finally:
@@ -737,10 +740,19 @@ def _main(args: argparse.Namespace, argv: list[str] | None, run_fn: RunFn | None
         if args.dry_run:
             print(pretrain_cost_text(distinct, resolved.preset.est_flops_per_s))
         dirs: dict[str, str] = {}
+        # a pretrain whose fine-tunes have all finished (e.g. published results in a fresh clone) is not trained
+        # again: its runs keep their names, which name its canonical directory
+        canonical = with_init_from(resolved, {h: str(Path("runs") / "pretrain" / c.hash()) for h, c in starts.items()})
+        new_hash = dict(zip(resolved.runs, canonical.runs))
         for h, cfg in distinct.items():
+            dependents = [new_hash[r] for r, c in starts.items() if c.hash() == h]
             if args.dry_run:
                 dirs[h] = str(Path("runs") / "pretrain" / h)
                 print(f"pretrain: seed {cfg.train.seed}, {args.pretrain_steps} steps without memory -> {dirs[h]}")
+            elif all(is_done(out / "runs" / r) for r in dependents):
+                dirs[h] = str(Path("runs") / "pretrain" / h)
+                print(f"pretrain: seed {cfg.train.seed} not needed ({len(dependents)} runs from it are finished)",
+                      file=sys.stderr, flush=True)
             else:
                 dirs[h] = str(pretrain(cfg, run_fn))
             est = estimate_cost(cfg.to_dict(), resolved.preset.est_flops_per_s)
