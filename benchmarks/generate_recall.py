@@ -26,7 +26,6 @@ The same runs by hand:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -94,7 +93,7 @@ def main() -> None:
                 a.write_prompt = None
         return
 
-    from recall_proof import run_seed
+    from recall_proof import mean_std, run_seed
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(a.out or tmp)
@@ -111,7 +110,7 @@ def main() -> None:
                 Path(a.write_prompt).write_bytes(bytes(mem["example"].astype(np.uint8)))
                 a.write_prompt = None
     if len(rows) > 1:
-        stat = lambda k: f"{statistics.mean(r[k] for r in rows):.3f} ± {statistics.stdev(r[k] for r in rows):.3f}"
+        stat = lambda k: mean_std([r[k] for r in rows])
         print(f"| mean ± std | | **{stat('mem')}** | {stat('bind')} | {stat('nomem')} | | |")
     print(f"chance {mem['chance']:.3f}")
 

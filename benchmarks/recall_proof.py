@@ -34,6 +34,11 @@ from memtrans.config import load_config
 from memtrans.eval import evaluate
 from memtrans.train import train
 
+
+def mean_std(values: list[float]) -> str:
+    """'mean ± std' over seeds (sample std), as the README tables print it."""
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "recall_proof"
 
 
@@ -69,7 +74,7 @@ def main() -> None:
             print(f"{seed:>4} {r['near']:>22.3f} {r['memory']:>12.3f} {r['no_memory']:>15.3f} {r['tokens']:>11} {time.time() - t:>5.0f}",
                   flush=True)
     if len(rows) > 1:
-        stat = lambda k: f"{statistics.mean(r[k] for r in rows):.3f} ± {statistics.stdev(r[k] for r in rows):.3f}"
+        stat = lambda k: mean_std([r[k] for r in rows])
         print(f"{'mean':>4} {stat('near'):>22} {stat('memory'):>12} {stat('no_memory'):>15}")
     print(f"chance {rows[0]['chance']:.3f}")
 
