@@ -154,3 +154,10 @@ def test_config_choices_are_the_ones_the_code_acts_on():
     assert config.OPTIMIZERS == optim.OPTIMIZERS and config.SCHEDULES == optim.SCHEDULES
     assert config.CORPORA == corpus.BUILTIN + corpus.FETCHED and config.CORPUS_PREFIXES == corpus.PREFIXES
     assert set(config.SPLITS) == set(corpus.SPLITS) and recall.LAYOUTS == config.RECALL_LAYOUTS
+
+
+@pytest.mark.parametrize("override,field", [("eval.batch_size=0", "batch_size"), ("eval.max_docs=0", "max_docs"),
+                                            ("eval.max_tokens_per_doc=-1", "max_tokens_per_doc")])
+def test_eval_sizes_must_be_positive(override, field):
+    with pytest.raises(ValueError, match=f"eval: {field} must be a positive integer"):
+        load_config(None, [override])

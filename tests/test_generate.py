@@ -370,18 +370,19 @@ def test_cli_sampling_is_reproducible_by_seed(run_dir, tmp_path, capsys):
     assert out[0] == out[1] and out[0] != out[2]
 
 
-@pytest.mark.parametrize("case", ["missing_run", "missing_prompt", "prompt_dir", "empty_prompt", "not_utf8", "bad_top_p"])
+@pytest.mark.parametrize("case", ["missing_run", "missing_prompt", "prompt_dir", "empty_prompt", "not_utf8", "bad_top_p",
+                                  "bad_top_entries"])
 def test_cli_bad_input_one_line_exit_2(case, run_dir, tmp_path, capsys):
     from memtrans.cli import main
     prompt = tmp_path / "p.txt"
     prompt.write_bytes({"empty_prompt": b"", "not_utf8": b"caf\xe9 au lait"}.get(case, b"hello"))
     run = tmp_path / "nope" if case == "missing_run" else run_dir
     path = {"missing_prompt": tmp_path / "absent.txt", "prompt_dir": tmp_path}.get(case, prompt)
-    extra = ["--top-p", "0"] if case == "bad_top_p" else []
+    extra = {"bad_top_p": ["--top-p", "0"], "bad_top_entries": ["--top-entries", "-1"]}.get(case, [])
     assert main(["generate", str(run), "--prompt-file", str(path), *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("memtrans generate: error: ")
     expect = {"missing_run": "does not exist", "missing_prompt": "does not exist", "prompt_dir": "is a directory",
               "empty_prompt": "empty",
-              "not_utf8": "offset 3 is not valid UTF-8", "bad_top_p": "top_p"}[case]
+              "not_utf8": "offset 3 is not valid UTF-8", "bad_top_p": "top_p", "bad_top_entries": "--top-entries"}[case]
     assert expect in err[0]

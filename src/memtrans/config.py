@@ -218,6 +218,11 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check_choice("split", self.split, SPLITS)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size}")
+        for name in ("max_docs", "max_tokens_per_doc"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer or null (no limit), got {getattr(self, name)}")
         edges = list(self.position_buckets)
         if not all(isinstance(e, int) and not isinstance(e, bool) and e > 0 for e in edges) or any(
                 b <= a for a, b in zip(edges, edges[1:])):

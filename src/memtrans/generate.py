@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.top_entries < 1 or args.context < 0:
+        raise ValueError(f"--top-entries must be >= 1 and --context >= 0, got {args.top_entries} and {args.context}")
     from memtrans.device import autocast_context
     from memtrans.model.transformer import check_sampling
     check_sampling(args.temperature, args.top_k, args.top_p)
