@@ -159,14 +159,20 @@ def plot(path: Path, points: list[tuple[int, dict]]) -> None:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, (m, name) in zip(axes, (("far_ppl", "far-position perplexity"), ("far_bpb", "far-position bits per byte"))):
-        xs, ys, lo, hi = [], [], [], []
+        xs, ys, lo, hi, one = [], [], [], [], []
         for tokens, g in points:
             d = g[m]["gain"]
             if d is not None:
                 xs.append(tokens), ys.append(d.diff), lo.append(d.diff - d.lo), hi.append(d.hi - d.diff)
+            elif g[m]["single"] is not None:
+                one.append((tokens, g[m]["single"]))
         ax.axhline(0, color="grey", lw=0.8)
         if xs:
-            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=4)
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=4, label="mean over seeds, 95% paired CI")
+        if one:  # a budget with one seed so far: its difference, without an interval
+            ax.plot(*zip(*one), marker="o", mfc="none", ls="none", color="C0", label="one seed (no interval)")
+        if xs or one:
+            ax.legend(fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel("pretraining tokens (no memory)")
         ax.set_ylabel(f"gain in {name}\n(no memory - memory; 95% paired CI)")
