@@ -1,7 +1,7 @@
 """Cost of one kNN-memory layer per segment: retrieve (top-k search) + write (add), per backend and size.
 
 For each memory size N and batch B this fills a memory of B slots x 8 heads x N entries (head_dim 64,
-bf16 ring as in the default ModelConfig) with clustered, L2-normalised keys, then times one segment:
+bf16 ring, the policy's memory dtype on bf16 CPUs; the kernels widen it to fp32 on the others, so it halves the bytes read everywhere) with clustered, L2-normalised keys, then times one segment:
 `search(512 queries, k=32)` + `add(512 entries)`, interleaved with the segment's dense local causal
 attention (F.scaled_dot_product_attention, 512 queries x 1024 keys = segment + XL cache of 512, fp32).
 Recall@32 is measured against the fp32 exact *reference* path (plain matmul + torch.topk) on the

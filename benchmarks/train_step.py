@@ -52,7 +52,7 @@ from memtrans.model.transformer import MemorizingTransformer  # noqa: E402
 
 
 DEFAULTS = dict(dim=512, depth=8, heads=8, head_dim=64, segment=512, batch=4, k=32, sizes="65K,262K",
-                precisions="fp32,bf16", threads=os.cpu_count(), reps=5)
+                precisions="auto", threads=os.cpu_count(), reps=5)
 PRESETS = {
     "quick": dict(dim=256, depth=4, head_dim=32, segment=256, batch=2, reps=3, sizes="8K,32K"),
     "issue6": dict(dim=512, depth=8, heads=8, head_dim=64, segment=512, batch=4, k=32, sizes="65K,262K",
@@ -136,7 +136,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, help=f"default {DEFAULTS['batch']}")
     p.add_argument("--k", type=int, help=f"default {DEFAULTS['k']}")
     p.add_argument("--sizes", help="memory sizes (entries per slot and head); default 65K,262K")
-    p.add_argument("--precisions", help="fp32,bf16 or auto (the precision policy's choice); default fp32,bf16")
+    p.add_argument("--precisions", help="comma list of fp32, bf16, fp16 or auto (the precision policy's choice: fp32 where bf16 is not native); default auto")
     p.add_argument("--paths", default="fast", help="exact-engine paths for memory variants: fast,reference")
     p.add_argument("--score-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto: the precision policy's choice for this CPU (memtrans.device)")

@@ -7,7 +7,7 @@ import yaml
 
 from memtrans import device as dev
 from memtrans.config import load_config
-from memtrans.memory import make_memory
+from memtrans.memory import ExactMemory, make_memory
 
 from _train_helpers import tiny_dict
 
@@ -115,3 +115,10 @@ def test_a_cuda_plan_resolves_on_a_machine_without_cuda(monkeypatch):
     assert (cfg.train.precision, cfg.model.memory_dtype, cfg.model.score_dtype) == ("bf16", "bfloat16", "bfloat16")
     with pytest.raises(ValueError, match="train.device: cuda was asked for but CUDA is not available"):
         dev.resolve_device("cuda")
+
+
+def test_a_memory_built_directly_stores_what_the_policy_picks(monkeypatch):
+    """ExactMemory(...) without a dtype keeps bf16 entries only where bf16 is native (as a model's memory does)."""
+    for flag, want in (("1", torch.bfloat16), ("0", torch.float32)):
+        monkeypatch.setenv("MEMTRANS_BF16", flag)
+        assert ExactMemory(1, 2, 16, 8).dtype == want

@@ -111,10 +111,12 @@ def test_reuse_gradient_reaches_queries_through_memory(qk_norm):
     l_reuse, gq_reuse, gs_reuse = grads(lambda s: memory_logits_reuse(q, s, found))
     l_ref, gq_ref, gs_ref = grads(lambda s: memory_logits_recompute(q * s, found))
     torch.testing.assert_close(l_reuse, l_ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gq_reuse, gq_ref, rtol=1e-5, atol=1e-7)
+    # atol 1e-6: the kernels' fp32 sums differ from the matmul's by summation order (the portable kernel has no
+    # FMA: ~1 ulp per score), far below the ~1e-3 a missing memory-logit gradient would leave
+    torch.testing.assert_close(gq_reuse, gq_ref, rtol=1e-5, atol=1e-6)
     assert gq_ref.abs().max() > 1e-3
     if qk_norm:
-        torch.testing.assert_close(gs_reuse, gs_ref, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(gs_reuse, gs_ref, rtol=1e-5, atol=1e-6)
         assert gs_ref.abs().max() > 1e-3
 
 

@@ -44,8 +44,11 @@ class MemoryBackend:
     host_engine = False  # True: the engine searches on the host (faiss CPU indexes) and reads the ring there
 
     def __init__(self, batch_size: int, heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
+                 dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
                  score_dtype: torch.dtype = torch.float32):
+        if dtype is None:  # the precision policy's memory dtype for this device (bf16 only where it is native)
+            from memtrans.device import DTYPES, resolve_dtype_names
+            dtype = DTYPES[resolve_dtype_names("fp32", "auto", "float32", device).memory_dtype]
         self.batch_size, self.heads, self.head_dim, self.capacity = batch_size, heads, head_dim, capacity
         self.dtype, self.device, self.score_dtype = dtype, torch.device(device), score_dtype
         self.count = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # filled entries per slot

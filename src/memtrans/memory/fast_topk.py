@@ -220,9 +220,14 @@ def use_isa(isa: str | None) -> str | None:
 
 
 def runnable_isas() -> list[str]:
-    """Every kernel level this machine can run and build (best first), for tests that exercise them all."""
+    """Every kernel level this machine can run and build (best first), for tests that exercise them all; a
+    MEMTRANS_CPU_ISA cap applies (`reference`: none), so a forced run simulates the lower machine throughout."""
+    cap = forced_isa()
+    if cap == "reference":
+        return []
     active = isa()
-    out = [i for i in ISAS if _cpu_may_run(i) is None and _try_open(i)]
+    allowed = ISAS[ISAS.index(cap):] if cap else ISAS
+    out = [i for i in allowed if _cpu_may_run(i) is None and _try_open(i)]
     use_isa(active) if active else None
     return out
 
