@@ -33,12 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from memtrans.config import DataConfig
-
-BUILTIN = ("recall", "stdlib-code", "shakespeare")
-FETCHED = ("austen", "metamath", "code", "tex")
-PREFIXES = ("textdir", "dirdocs", "jsonl", "parquet")
-SPLITS = ("train", "val", "test")
+# the names live in the config layer, which validates them
+from memtrans.config import BUILTIN_CORPORA as BUILTIN, CORPUS_PREFIXES as PREFIXES, FETCHED_CORPORA as FETCHED
+from memtrans.config import SPLITS, DataConfig
 
 # stdlib entries that are not library code for our purpose
 _STDLIB_EXCLUDE = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib-dynload", "__pycache__",
