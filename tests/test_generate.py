@@ -154,6 +154,21 @@ def test_top_k_and_top_p_restrict_the_draw():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("on_host", [True, False])
+def test_nan_logits_are_refused_not_sampled(on_host, monkeypatch):
+    # argmax over NaN logits returns an id without complaint; generation must say the model is broken instead
+    # (one read after decoding on the host, an asynchronous device assert where reads would synchronise)
+    monkeypatch.setattr(MemorizingTransformer, "host_reads", on_host)
+    model = make()
+    prompt = doc_of(SEG + 3, seed=9)
+    model.generate(prompt, None, 4, temperature=0)  # healthy weights: no complaint
+    next(model.parameters()).fill_(float("nan"))
+    for kw in ({"temperature": 0}, {"temperature": 1.0, "generator": torch.Generator().manual_seed(0)}):
+        with pytest.raises(ValueError if on_host else RuntimeError, match="NaN"):
+            model.generate(prompt, None, 4, **kw)
+
+
+@torch.no_grad()
 def test_stop_token_ends_generation():
     model = make()
     prompt = doc_of(SEG, seed=8, batch=1)

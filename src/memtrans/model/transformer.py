@@ -364,7 +364,9 @@ class MemorizingTransformer(nn.Module):
             stop_every = 1 if self._reads_on_host(tokens.device) else 16
         out, checked = [], 0  # tokens generated; how many of them the last read of the stop condition covered
         done = checked_done = torch.zeros(B, dtype=torch.bool, device=tokens.device)  # row has produced a stop id
+        nan_seen = torch.zeros((), dtype=torch.bool, device=tokens.device)  # argmax of NaN logits is a silent id
         for step in range(max_new_tokens):
+            nan_seen = nan_seen | next_logits.isnan().any()
             tok = sample_next(next_logits, temperature, top_k, top_p, generator)
             out.append(tok)
             if want_diag:
@@ -379,8 +381,22 @@ class MemorizingTransformer(nn.Module):
                         out = out[:checked + _tokens_until_all_stopped(out[checked:], checked_done, stop_ids)]
                         break
                     checked, checked_done = len(out), done
+        self._check_finite(nan_seen)
         new = torch.stack(out, 1) if out else tokens.new_zeros(B, 0)
         return new, state
+
+    def _check_finite(self, nan_seen: torch.Tensor) -> None:
+        """Refuse tokens sampled from NaN logits: one host read after decoding on the host, an asynchronous
+        device assert elsewhere (no synchronisation)."""
+        msg = ("generate: the model's logits contain NaN (diverged or corrupted weights?); the sampled tokens "
+               "would be arbitrary; check the checkpoint (its run's metrics.jsonl shows where the loss diverged)")
+        if nan_seen.device.type == "meta":
+            return
+        if self._reads_on_host(nan_seen.device):
+            if bool(nan_seen):
+                raise ValueError(msg)
+        else:
+            torch._assert_async(~nan_seen, msg)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
