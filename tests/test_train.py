@@ -123,6 +123,33 @@ def test_no_weight_decay_groups():
     assert "blocks.0.attn.qkv.weight" in decay_names and "embed.weight" in decay_names
 
 
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_gate_lr_scale_moves_the_gates_faster_and_nothing_else(scale):
+    from memtrans.config import ModelConfig
+    from memtrans.model import MemorizingTransformer
+    from memtrans.train.optim import build_optimizer, build_scheduler
+    torch.manual_seed(0)
+    m = MemorizingTransformer(ModelConfig(dim=32, depth=2, heads=2, head_dim=16, memory_layers=[1], knn_k=4,
+                                          memory_size=64))
+    cfg = OptimConfig(lr=1e-3, warmup_steps=2, gate_lr_scale=scale)
+    opt = build_optimizer(m, cfg)
+    sched = build_scheduler(opt, cfg, 20)
+    assert len(opt.param_groups) == (2 if scale == 1.0 else 3)  # the default keeps checkpointed states loadable
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    for _ in range(20):  # the same gradient sign every step: Adam moves each parameter by about its lr per step
+        opt.zero_grad()
+        for p in m.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+        sched.step()
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in m.named_parameters()}
+    total_lr = sum(cfg.lr * lr_factor(i, cfg, 20) for i in range(20))
+    assert moved["blocks.1.attn.gate_bias"] == pytest.approx(scale * total_lr, rel=0.05)
+    assert moved["blocks.0.attn.log_scale"] == pytest.approx(total_lr, rel=0.05)  # other parameters: unchanged lr
+    with pytest.raises(ValueError, match="gate_lr_scale"):
+        OptimConfig(gate_lr_scale=0)
+
+
 def test_schedules():
     c = OptimConfig(warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
     assert lr_factor(0, c, 100) == pytest.approx(0.1)

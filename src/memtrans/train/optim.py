@@ -1,7 +1,8 @@
 """Optimiser and learning-rate schedule.
 
 Parameter groups: weight decay applies to matrices (projections, FFN, token embedding, output head) and
-never to norms, gates, per-head scales, biases or the relative-position bias embedding.
+never to norms, gates, per-head scales, biases or the relative-position bias embedding. With
+optim.gate_lr_scale != 1 every parameter named "gate" gets lr * gate_lr_scale (the schedule scales it alike).
 Schedules (OptimConfig.schedule): linear warm-up over `warmup_steps`, then
   cosine   cosine decay from lr to lr * min_lr_ratio at train.steps
   rsqrt    lr * sqrt(warmup_steps / step)  (the paper's inverse-square-root decay), floored at lr * min_lr_ratio
@@ -21,12 +22,25 @@ def no_decay(name: str, p: torch.Tensor) -> bool:
     return p.ndim < 2 or "rel_bias" in name or "gate" in name or "norm" in name or "log_scale" in name
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, plain = [], []
+def is_gate(name: str) -> bool:
+    return "gate" in name
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
+                 gate_lr_scale: float = 1.0) -> list[dict]:
+    """[decayed, not decayed] (+ the gates at lr * gate_lr_scale, without decay, when the scale is not 1: with
+    the default the groups, and so checkpointed optimiser states, stay as they were)."""
+    decay, plain, gates = [], [], []
+    separate = gate_lr_scale != 1.0
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (plain if no_decay(name, p) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+            (gates if separate and is_gate(name) else plain if no_decay(name, p) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    if separate:
+        if lr is None:
+            raise ValueError("param_groups: a gate_lr_scale needs the base lr")
+        groups.append({"params": gates, "weight_decay": 0.0, "lr": lr * gate_lr_scale})
+    return groups
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -34,7 +48,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         raise ValueError(f"optim.optimizer: {cfg.optimizer!r} is not allowed; choose one of {', '.join(OPTIMIZERS)}")
     if cfg.lr <= 0:
         raise ValueError(f"optim.lr must be positive, got {cfg.lr}")
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.gate_lr_scale)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     if not hasattr(torch.optim, "Adafactor"):
