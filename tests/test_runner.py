@@ -276,6 +276,24 @@ def test_pretrain_matches_each_variants_non_memory_settings(tmp_path, monkeypatc
         assert cfg["model"]["memory_layers"] == [] and cfg["model"]["gate"] == "learned_scalar"
 
 
+def test_a_gate_learning_rate_study_shares_the_pretrains(tmp_path, monkeypatch):
+    """optim.gate_lr_scale only touches gates, which a no-memory pretrain lacks: the pretrain is the same one."""
+    monkeypatch.chdir(tmp_path)
+    plain, scaled = FakeRun(), FakeRun()
+    assert ablate(tmp_path / "a", plain, "--only", "Memory Ablation", "--pretrain-steps", "5") == 0
+    pre = [d for d in plain.calls if d.parent == Path("runs") / "pretrain"]
+    assert len(pre) == 1
+    (pre[0] / "checkpoints").mkdir()
+    (pre[0] / "checkpoints" / "latest.pt").write_bytes(b"x")  # finished with its checkpoint: reused if the same
+    assert ablate(tmp_path / "b", scaled, "--only", "Memory Ablation", "--pretrain-steps", "5",
+                  "--set", "optim.gate_lr_scale=30") == 0
+    assert not [d for d in scaled.calls if d.parent == Path("runs") / "pretrain"]  # no second pretrain
+    runs = scaled.calls
+    assert len(runs) == 2 and {yaml.safe_load((d / "config.yaml").read_text())["train"]["init_from"] for d in runs} \
+        == {str(pre[0])}
+    assert {yaml.safe_load((d / "config.yaml").read_text())["optim"]["gate_lr_scale"] for d in runs} == {30}
+
+
 def test_preset_pretrain_overrides_reach_the_pretrain_only(tmp_path, monkeypatch):
     """The recall preset pretrains on short documents and fine-tunes every variant on long ones."""
     monkeypatch.chdir(tmp_path)

@@ -621,7 +621,9 @@ def pretrain_config(resolved: ResolvedPlan, run_config: dict, steps: int) -> Con
     pretrain_overrides."""
     base_model = config_from_dict(resolved.base_config).model
     model = {f: getattr(base_model, f) for f in MEMORY_FIELDS} | {"memory_layers": []}
+    # a no-memory model has no gates: their lr multiplier takes its default, so a study of it shares the pretrains
     data = apply_overrides(run_config, {**{f"model.{k}": v for k, v in model.items()}, "train.steps": steps,
+                                        "optim.gate_lr_scale": 1.0,
                                         "train.seed": int(run_config["train"]["seed"]), "train.init_from": None,
                                         **resolved.preset.pretrain_overrides})
     return resolve_config(config_from_dict(data))

@@ -36,7 +36,7 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
         if p.requires_grad:
             (gates if separate and is_gate(name) else plain if no_decay(name, p) else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
-    if separate:
+    if separate and gates:  # (a model without gates keeps the default groups)
         if lr is None:
             raise ValueError("param_groups: a gate_lr_scale needs the base lr")
         groups.append({"params": gates, "weight_decay": 0.0, "lr": lr * gate_lr_scale})
