@@ -294,6 +294,29 @@ def test_a_gate_learning_rate_study_shares_the_pretrains(tmp_path, monkeypatch):
     assert {yaml.safe_load((d / "config.yaml").read_text())["optim"]["gate_lr_scale"] for d in runs} == {30}
 
 
+def test_jobs_train_the_pretrains_side_by_side(tmp_path, monkeypatch):
+    """With --jobs 2 the seeds' pretrains run at the same time (each waits at a barrier for the other: trained one
+    after another, the first would time out), then every run starts from its own seed's pretrain."""
+    import threading
+    monkeypatch.chdir(tmp_path)
+    both = threading.Barrier(2, timeout=10)
+    fake = FakeRun()
+
+    def run(run_dir, commands):
+        if Path(run_dir).parent == Path("runs") / "pretrain":
+            both.wait()
+        return fake(run_dir, commands)
+
+    assert ablate(tmp_path, run, "--only", "Memory Ablation", "--seeds", "2", "--pretrain-steps", "5",
+                  "--jobs", "2") == 0
+    pre = {yaml.safe_load((d / "config.yaml").read_text())["train"]["seed"]: str(d)
+           for d in fake.calls if d.parent == Path("runs") / "pretrain"}
+    assert sorted(pre) == [0, 1]
+    for d in (d for d in fake.calls if d.parent != Path("runs") / "pretrain"):
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        assert cfg["train"]["init_from"] == pre[cfg["train"]["seed"]]
+
+
 def test_preset_pretrain_overrides_reach_the_pretrain_only(tmp_path, monkeypatch):
     """The recall preset pretrains on short documents and fine-tunes every variant on long ones."""
     monkeypatch.chdir(tmp_path)

@@ -674,6 +674,19 @@ def pretrain(cfg: Config, run_fn: RunFn | None = None) -> Path:
     return run_dir
 
 
+def train_pretrains(cfgs: dict[str, Config], jobs: int, run_fn: RunFn | None = None) -> dict[str, str]:
+    """hash -> directory of each pretrain, trained `jobs` at a time on CPU (each with cores / jobs threads, as the
+    local executor gives runs); on CUDA one after another, since a pretrain is not pinned to a GPU of its own."""
+    on_cuda = any(uses_cuda(str(c.train.device)) for c in cfgs.values())
+    jobs = 1 if on_cuda else max(1, min(jobs, len(cfgs)))
+    if jobs == 1:
+        return {h: str(pretrain(c, run_fn)) for h, c in cfgs.items()}
+    run = run_fn or functools.partial(run_subprocess, threads=max(1, (os.cpu_count() or 1) // jobs))
+    with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {h: pool.submit(pretrain, c, run) for h, c in cfgs.items()}
+        return {h: str(f.result()) for h, f in futures.items()}
+
+
 def main(argv: list[str] | None = None, run_fn: RunFn | None = None) -> int:
     """The CLI. While it runs (not --dry-run) OUT/.ablate.lock keeps a second `memtrans ablate` off the same
     --out, and SIGTERM / SIGINT are passed on to the runs' processes: it waits for them, records their runs as
@@ -742,6 +755,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None, run_fn: RunFn | None
         if args.dry_run:
             print(pretrain_cost_text(distinct, resolved.preset.est_flops_per_s))
         dirs: dict[str, str] = {}
+        to_train: dict[str, Config] = {}
         # a pretrain whose fine-tunes have all finished (e.g. published results in a fresh clone) is not trained
         # again: its runs keep their names, which name its canonical directory
         canonical = with_init_from(resolved, {h: str(Path("runs") / "pretrain" / c.hash()) for h, c in starts.items()})
@@ -756,7 +770,9 @@ def _main(args: argparse.Namespace, argv: list[str] | None, run_fn: RunFn | None
                 print(f"pretrain: seed {cfg.train.seed} not needed ({len(dependents)} runs from it are finished)",
                       file=sys.stderr, flush=True)
             else:
-                dirs[h] = str(pretrain(cfg, run_fn))
+                to_train[h] = cfg
+        dirs.update(train_pretrains(to_train, args.jobs if args.executor == "local" else 1, run_fn))
+        for h, cfg in distinct.items():
             est = estimate_cost(cfg.to_dict(), resolved.preset.est_flops_per_s)
             pretrains[dirs[h]] = {"seed": cfg.train.seed, "steps": cfg.train.steps, "tokens": est["tokens"],
                                   "qk_norm": cfg.model.qk_norm}
